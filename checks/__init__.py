@@ -1,0 +1,1 @@
+"""fmcheck's built-in checks, one module per check (installed as fmcheck.checks)."""

@@ -1,0 +1,81 @@
+"""The check API: what a built-in or third-party check implements.
+
+A check measures, then judges. ``measure`` runs the user's code through the shared :class:`~fmcheck.context.Context`
+and returns plain data (an *observation*); ``judge`` maps that observation and the configured thresholds to
+measurements with verdicts. Neither prints. Check modules must not import torch at module level, so that
+``fmcheck list`` and ``--help`` stay fast: import it inside ``measure``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from .report import Measurement
+from .verdict import Verdict
+
+if TYPE_CHECKING:
+    from .context import Context
+
+
+class Thresholds(BaseModel):
+    """Base for a check's configurable thresholds: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoThresholds(Thresholds):
+    pass
+
+
+class Skip(Exception):
+    """Raised by ``measure`` when the pipeline lacks what the check needs; the reason is shown to the user."""
+
+
+@dataclass(frozen=True)
+class CheckDoc:
+    """Every check documents itself in one template (rendered by ``fmcheck explain`` and docs/checks/)."""
+
+    what: str
+    why: str
+    bug_example: str
+    fix: str
+    causes: tuple[str, ...] = ()
+    blind_spots: tuple[str, ...] = ()
+
+
+@dataclass
+class Judgement:
+    """What ``judge`` returns. The check's verdict is the worst measurement's unless ``verdict`` is given."""
+
+    measurements: list[Measurement]
+    summary: str
+    hint: Optional[str] = None
+    verdict: Optional[Verdict] = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def final_verdict(self) -> Verdict:
+        if self.verdict is not None:
+            return self.verdict
+        return Verdict.worst(m.verdict for m in self.measurements)
+
+
+class Check:
+    """Base class of every check. Subclasses set the class attributes and implement ``measure`` and ``judge``."""
+
+    id: ClassVar[str]
+    title: ClassVar[str]
+    purpose: ClassVar[str]  # one line, for `fmcheck list`
+    doc: ClassVar[CheckDoc]
+    requires: ClassVar[tuple[str, ...]] = ()  # pipeline fields that must be set
+    requires_outputs: ClassVar[tuple[str, ...]] = ()  # step-output keys that must be present
+    Thresholds: ClassVar[type[Thresholds]] = NoThresholds
+    order: ClassVar[int] = 100  # position in `fmcheck all` (the seed's order: scale, norms, target, kl, overfit)
+
+    def measure(self, ctx: "Context") -> Any:
+        raise NotImplementedError
+
+    def judge(self, observation: Any, thresholds: Thresholds) -> Judgement:
+        raise NotImplementedError

@@ -1,0 +1,198 @@
+"""The command line. Thin: parse options, build settings, load the pipeline, run, render, exit.
+
+Only this module imports typer. Nothing here imports torch at import time, so --help, --version and list stay fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from ._version import __version__
+from .errors import UsageError
+from .verdict import ExitCode
+
+app = typer.Typer(
+    name="fmcheck",
+    help="Pre-flight checks for flow-matching text-to-latent training: scale, norms, target, KL, overfit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+ModuleOpt = Annotated[str, typer.Option("--module", "-m", help="The pipeline: MODULE:ATTR (a zero-argument callable "
+                                                                "returning it, or the pipeline itself).")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: where the trainable "
+                                                       "parameters are).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for every random draw fmcheck makes.")]
+JsonOpt = Annotated[Optional[str], typer.Option("--json", help="Write the JSON report to PATH ('-' for stdout; the "
+                                                               "human report then goes to stderr).")]
+JunitOpt = Annotated[Optional[Path], typer.Option("--junit", help="Write a JUnit XML report to PATH.")]
+StrictOpt = Annotated[bool, typer.Option("--strict", help="Treat WARN as FAIL (exit code 1).")]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="A TOML file of settings and thresholds.")]
+SamplesOpt = Annotated[Optional[int], typer.Option(help="Samples in the overfit set (default 128).")]
+MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Overfit step budget.")]
+BudgetOpt = Annotated[Optional[float], typer.Option("--time-budget", help="Overfit wall-clock budget, seconds.")]
+TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Per-check time limit, seconds.")]
+PlotOpt = Annotated[Optional[str], typer.Option("--plot", help="Write plots (PNG) to DIR.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Full tracebacks.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a threshold: CHECK.NAME=VALUE "
+                                                                   "(repeatable).")]
+IdsOpt = Annotated[Optional[list[str]], typer.Option(help="Check ids, comma-separated or repeated.")]
+
+
+def _ids(values: Optional[list[str]]) -> list[str]:
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+
+
+def _fail_usage(exc: BaseException, debug: bool) -> "typer.Exit":
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if debug:
+        console.print_exception()
+    console.print(f"[bold red]fmcheck: error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    return typer.Exit(int(ExitCode.USAGE))
+
+
+def _execute(module: str, *, only: list[str], skip: list[str], json_path: Optional[str], junit: Optional[Path],
+             debug: bool, config: Optional[str], overrides: Optional[list[str]], **cli_settings: Any) -> None:
+    from rich.console import Console
+
+    from .config import load_settings
+    from .contract import load_pipeline
+    from .renderers.console import ProgressDisplay, render
+    from .runner import run
+
+    human = Console(stderr=json_path == "-")
+    try:
+        settings, origins = load_settings({**cli_settings, "debug": debug}, config, overrides)
+        pipeline = load_pipeline(module)
+        with ProgressDisplay(human) as progress:
+            report = run(pipeline, settings, only=only, skip=skip, listener=progress, origins=origins,
+                         pipeline_name=module)
+    except UsageError as exc:
+        raise _fail_usage(exc, debug) from None
+    render(report, human)
+    if json_path == "-":
+        sys.stdout.write(report.model_dump_json(indent=2) + "\n")
+    elif json_path:
+        Path(json_path).write_text(report.model_dump_json(indent=2) + "\n")
+    if junit is not None:
+        from .renderers.junit import to_junit
+
+        junit.write_text(to_junit(report))
+    raise typer.Exit(report.exit_code)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"fmcheck {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Pre-flight checks for flow-matching text-to-latent training."""
+
+
+def _command(only_id: Optional[str]) -> Callable[..., None]:
+    """A subcommand that runs every check (``all``) or one check, with the common options."""
+
+    def command(
+        module: ModuleOpt,
+        device: DeviceOpt = None,
+        seed: SeedOpt = None,
+        json_path: JsonOpt = None,
+        junit: JunitOpt = None,
+        strict: StrictOpt = False,
+        config: ConfigOpt = None,
+        samples: SamplesOpt = None,
+        max_steps: MaxStepsOpt = None,
+        time_budget: BudgetOpt = None,
+        timeout: TimeoutOpt = None,
+        plot: PlotOpt = None,
+        debug: DebugOpt = False,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a threshold: CHECK.NAME=VALUE "
+                                                                        "(repeatable).")] = None,
+        only: IdsOpt = None,
+        skip: IdsOpt = None,
+    ) -> None:
+        selected = [only_id] if only_id else _ids(only)
+        _execute(module, only=selected, skip=_ids(skip), json_path=json_path, junit=junit, debug=debug,
+                 config=config, overrides=set_, device=device, seed=seed, strict=strict or None, samples=samples,
+                 max_steps=max_steps, time_budget=time_budget, timeout=timeout, plot_dir=plot)
+
+    if only_id is not None:  # --only/--skip make no sense for a single check: hide them
+        command.__signature__ = _without(command, ("only", "skip"))  # type: ignore[attr-defined]
+    return command
+
+
+def _without(fn: Callable[..., Any], names: tuple[str, ...]):
+    import inspect
+
+    signature = inspect.signature(fn)
+    return signature.replace(parameters=[p for p in signature.parameters.values() if p.name not in names])
+
+
+app.command("all", help="Run every registered check against the pipeline.")(_command(None))
+
+
+def _builtin_ids() -> list[tuple[str, str]]:
+    """(id, module) of fmcheck's own checks, read from packaging metadata without importing them."""
+    from importlib import metadata
+
+    from .registry import GROUP
+
+    return sorted({(ep.name, ep.value) for ep in metadata.entry_points(group=GROUP)
+                   if getattr(ep, "dist", None) is not None and ep.dist.metadata["Name"] == "fmcheck"})
+
+
+for _check_id, _target in _builtin_ids():
+    app.command(_check_id, help=f"Run only the '{_check_id}' check (`fmcheck explain {_check_id}` says what it "
+                                "measures).")(_command(_check_id))
+
+
+@app.command("list", help="Every registered check, built-in and plugin, with its one-line purpose.")
+def list_checks() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .registry import discover
+
+    registry = discover()
+    table = Table(title="fmcheck checks", title_justify="left")
+    for column in ("id", "title", "purpose", "from"):
+        table.add_column(column)
+    for cls in registry.ordered():
+        table.add_row(cls.id, cls.title, cls.purpose, registry.sources[cls.id])
+    for failure in registry.failures:
+        table.add_row(failure.name, "[magenta]not loaded[/]", failure.reason, failure.distribution)
+    Console().print(table)
+
+
+@app.command("explain", help="What a check measures, why, its thresholds, typical causes and fixes.")
+def explain(check_id: Annotated[str, typer.Argument(help="A check id from `fmcheck list`.")]) -> None:
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from .docs import check_markdown
+    from .registry import discover
+
+    registry = discover()
+    cls = registry.get(check_id)
+    if cls is None:
+        raise _fail_usage(UsageError(f"unknown check id '{check_id}' (known: {', '.join(sorted(registry.checks))})"),
+                          False)
+    Console().print(Markdown(check_markdown(cls)))
+
+
+def main() -> None:
+    app()

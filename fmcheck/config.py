@@ -1,0 +1,158 @@
+"""Run settings and thresholds. Precedence: command line > --config file > [tool.fmcheck] in pyproject.toml > defaults.
+
+Config files use the same shape in both places::
+
+    [tool.fmcheck]            # or the top level of a --config file
+    seed = 0
+    samples = 128
+    [tool.fmcheck.norms]      # one table per check id: that check's thresholds
+    ratio_warn = 2.0
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class Settings(BaseModel):
+    """Everything a run needs besides the pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Optional[str] = None  # None: where the trainable parameters already are
+    seed: int = 0
+    samples: int = Field(128, ge=1)  # overfit set size
+    max_steps: int = Field(300, ge=1)  # overfit step budget
+    time_budget: float = Field(60.0, gt=0)  # overfit wall-clock budget, seconds
+    timeout: float = Field(300.0, gt=0)  # per check, seconds
+    measure_batches: int = Field(4, ge=1)  # batches the measuring checks average over
+    strict: bool = False
+    debug: bool = False
+    plot_dir: Optional[str] = None
+    thresholds: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        base, _, index = value.partition(":")
+        if base not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
+            raise ValueError(f"expected cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+
+SETTING_KEYS = tuple(k for k in Settings.model_fields if k != "thresholds")
+
+
+def find_pyproject(start: Optional[Path] = None) -> Optional[Path]:
+    directory = (start or Path.cwd()).resolve()
+    for candidate in (directory, *directory.parents):
+        path = candidate / "pyproject.toml"
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path}: invalid TOML ({exc})") from exc
+
+
+def _split(table: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Separate run settings from per-check threshold tables."""
+    settings: dict[str, Any] = {}
+    thresholds: dict[str, dict[str, Any]] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            thresholds[key] = dict(value)
+        elif key in SETTING_KEYS:
+            settings[key] = value
+        else:
+            raise ConfigError(f"{where}: unknown setting '{key}' (known: {', '.join(SETTING_KEYS)})")
+    return settings, thresholds
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set norms.ratio_warn=3`` -> {"norms": {"ratio_warn": 3.0}}; values parse as TOML scalars."""
+    thresholds: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        check_id, dot, name = key.strip().partition(".")
+        if not eq or not dot or not check_id or not name:
+            raise ConfigError(f"--set {item!r}: expected CHECK.THRESHOLD=VALUE, e.g. norms.ratio_warn=3")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        thresholds.setdefault(check_id, {})[name] = value
+    return thresholds
+
+
+def load_settings(cli: dict[str, Any], config_path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                  pyproject: Optional[Path] = None) -> tuple[Settings, dict[str, str]]:
+    """Merge the sources. Returns the settings and, per threshold table, where it came from (for error messages)."""
+    merged: dict[str, Any] = {}
+    thresholds: dict[str, dict[str, Any]] = {}
+    origins: dict[str, str] = {}
+
+    def layer(table: dict[str, Any], where: str) -> None:
+        settings, tables = _split(table, where)
+        merged.update(settings)
+        for check_id, values in tables.items():
+            thresholds.setdefault(check_id, {}).update(values)
+            origins[check_id] = f"{where} [{check_id}]"
+
+    project = pyproject if pyproject is not None else find_pyproject()
+    if project is not None:
+        tool = _read_toml(project).get("tool", {}).get("fmcheck")
+        if tool is not None:
+            if not isinstance(tool, dict):
+                raise ConfigError(f"{project}: [tool.fmcheck] must be a table")
+            layer(tool, f"{os.path.relpath(project)} [tool.fmcheck]")
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"--config {config_path}: no such file")
+        data = _read_toml(path)
+        layer(data.get("tool", {}).get("fmcheck", data) if "tool" in data else data, str(config_path))
+    merged.update({k: v for k, v in cli.items() if v is not None})
+    for check_id, values in parse_overrides(overrides or []).items():
+        thresholds.setdefault(check_id, {}).update(values)
+        origins[check_id] = f"--set {check_id}.*"
+    merged["thresholds"] = thresholds
+    try:
+        return Settings(**merged), origins
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"])
+        raise ConfigError(f"setting '{field}': {error['msg']} (got {error.get('input')!r})") from exc
+
+
+def thresholds_for(check_cls: Any, settings: Settings, origins: dict[str, str]) -> Any:
+    """Validate one check's threshold table against its Thresholds model."""
+    values = settings.thresholds.get(check_cls.id, {})
+    try:
+        return check_cls.Thresholds(**values)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = ".".join(str(p) for p in error["loc"])
+        where = origins.get(check_cls.id, f"[{check_cls.id}]")
+        raise ConfigError(f"{where}: {name}: {error['msg']} (got {error.get('input')!r})") from exc

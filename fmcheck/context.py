@@ -1,0 +1,198 @@
+"""The context every check receives: device, seed, the pipeline, fixed batches and shared, cached step outputs.
+
+Checks share forwards through it: ``outputs(i)`` runs the user's step once per batch index for the whole run (seeded,
+under no_grad) and hands the same detached tensors to every check that asks.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Mapping
+from typing import Any, Iterator, Optional
+
+from .config import Settings
+from .contract import Pipeline
+from .errors import PipelineError
+
+OUTPUT_KEYS = ("loss", "x0", "x1", "t", "xt", "v_target", "v_pred", "mu", "logvar", "kl", "kl_weight", "fm_loss", "eps")
+
+
+class StepOutputs(Mapping):
+    """A validated view of what ``step`` returned. ``loss`` is always present and scalar."""
+
+    def __init__(self, raw: Any, where: str):
+        import torch
+
+        if not isinstance(raw, Mapping):
+            raise PipelineError(f"{where} returned a {type(raw).__name__}; expected a mapping of name -> tensor")
+        if "loss" not in raw:
+            raise PipelineError(f"{where} returned no 'loss' (keys: {', '.join(map(str, raw)) or 'none'})")
+        for key, value in raw.items():
+            if not isinstance(value, (torch.Tensor, int, float)) or isinstance(value, bool):
+                raise PipelineError(
+                    f"{where} output '{key}' is a {type(value).__name__}; expected a tensor or a number"
+                )
+        loss = raw["loss"]
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            raise PipelineError(f"{where} output 'loss' has shape {tuple(loss.shape)}; expected a scalar")
+        self._raw = dict(raw)
+        self.where = where
+
+    def __getitem__(self, key: str) -> Any:
+        return self._raw[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def tensor(self, key: str):
+        """The output as a float tensor (numbers become 0-d tensors)."""
+        import torch
+
+        value = self._raw[key]
+        return value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+
+    def number(self, key: str) -> float:
+        value = self._raw[key]
+        return float(value.detach().float().mean()) if hasattr(value, "detach") else float(value)
+
+    def missing(self, keys) -> list[str]:
+        return [k for k in keys if k not in self._raw]
+
+    def detached(self) -> "StepOutputs":
+        import torch
+
+        return StepOutputs({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in self._raw.items()},
+                           self.where)
+
+
+def to_device(value: Any, device: Any) -> Any:
+    """Move the tensors inside a batch (dicts, lists, tuples, namedtuples, objects with ``.to``) to ``device``."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return type(value)(**{k: to_device(v, device) for k, v in value.items()}) \
+            if hasattr(value, "_fields") else {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(to_device(v, device) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+def batch_size(batch: Any) -> Optional[int]:
+    """The leading dimension of the first tensor found in a batch."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    items: Any
+    if isinstance(batch, Mapping):
+        items = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        items = batch
+    else:
+        items = vars(batch).values() if hasattr(batch, "__dict__") else ()
+    for item in items:
+        size = batch_size(item)
+        if size is not None:
+            return size
+    return None
+
+
+class Context:
+    def __init__(self, pipeline: Pipeline, settings: Settings, device: Any, listener: Any = None):
+        self.pipeline = pipeline
+        self.settings = settings
+        self.device = device
+        self.seed = settings.seed
+        self.listener = listener
+        self.check_id: Optional[str] = None
+        self.deadline: Optional[float] = None
+        self._batches: list[Any] = []
+        self._batches_exhausted = False
+        self._outputs: dict[int, StepOutputs] = {}
+
+    # -- randomness ---------------------------------------------------------------------------------------------
+    def generator(self, salt: int = 0, device: Any = None):
+        """A fresh generator seeded from the run's seed and a salt: the same numbers in every run."""
+        import torch
+
+        gen = torch.Generator(device=device or "cpu")
+        gen.manual_seed(self.seed * 1_000_003 + salt)
+        return gen
+
+    def seed_everything(self, salt: int = 0) -> None:
+        """Seed the global RNGs the user's step draws from (the runner restores them after the check)."""
+        import numpy as np
+        import torch
+
+        value = (self.seed * 1_000_003 + salt) % (2**31)
+        random.seed(value)
+        np.random.seed(value)
+        torch.manual_seed(value)
+
+    # -- batches ------------------------------------------------------------------------------------------------
+    def batches(self, count: Optional[int] = None) -> list[Any]:
+        """The first ``count`` training batches (default: ``measure_batches``), on the device, the same every call."""
+        count = count or self.settings.measure_batches
+        if len(self._batches) < count and not self._batches_exhausted:
+            iterator = self.pipeline.iter_batches()
+            for index, batch in enumerate(iterator):
+                if index >= len(self._batches):
+                    self._batches.append(to_device(batch, self.device))
+                if len(self._batches) >= count:
+                    break
+            else:
+                self._batches_exhausted = True
+        if not self._batches:
+            raise PipelineError("pipeline field 'batches' yielded no batch")
+        return self._batches[:count]
+
+    def batches_for_samples(self, samples: int) -> list[Any]:
+        """Enough leading batches to hold ``samples`` samples (fewer when the data runs out)."""
+        needed, total = 0, 0
+        while total < samples:
+            needed += 1
+            batches = self.batches(needed)
+            if len(batches) < needed:
+                break
+            total += batch_size(batches[-1]) or 1
+        return self.batches(needed)
+
+    # -- the user's step ----------------------------------------------------------------------------------------
+    def run_step(self, batch: Any, step_index: int = 0, *, grad: bool = True, salt: int = 0) -> StepOutputs:
+        """One call of the user's step, seeded, with or without autograd."""
+        import torch
+
+        self.seed_everything(salt=salt * 7919 + step_index)
+        where = f"step(batch, step_index={step_index})"
+        with torch.set_grad_enabled(grad):
+            raw = self.pipeline.step(batch, step_index)
+        return StepOutputs(raw, where)
+
+    def outputs(self, index: int = 0) -> StepOutputs:
+        """Cached, detached outputs of the step on batch ``index`` (step_index = index, no autograd)."""
+        if index not in self._outputs:
+            batches = self.batches(index + 1)
+            if index >= len(batches):
+                raise PipelineError(f"pipeline field 'batches' has only {len(batches)} batches; needed {index + 1}")
+            self._outputs[index] = self.run_step(batches[index], step_index=index, grad=False).detached()
+        return self._outputs[index]
+
+    def all_outputs(self) -> list[StepOutputs]:
+        return [self.outputs(i) for i in range(len(self.batches()))]
+
+    # -- time and progress --------------------------------------------------------------------------------------
+    def time_left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    def progress(self, completed: float, total: Optional[float] = None, **fields: Any) -> None:
+        if self.listener is not None and self.check_id is not None:
+            self.listener.check_progress(self.check_id, completed, total, fields)

@@ -1,0 +1,87 @@
+"""The report data model (JSON schema_version 1). Renderers read it; nothing here renders."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .verdict import ExitCode, Verdict
+
+SCHEMA_VERSION = 1
+
+Value = Union[bool, int, float, str, None]
+
+
+class Measurement(BaseModel):
+    """One number behind a verdict: what was observed, in which unit, against which expectation."""
+
+    # NaN and Inf are findings, not missing data: keep them visible in JSON.
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings")
+
+    name: str
+    value: Value
+    unit: str = ""
+    expected: str = ""
+    verdict: Verdict = Verdict.PASS
+
+
+class CheckResult(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+    id: str
+    title: str = ""
+    verdict: Verdict
+    summary: str = ""
+    measurements: list[Measurement] = Field(default_factory=list)
+    hint: Optional[str] = None
+    duration_s: float = 0.0
+    # Extra machine-readable data a check wants to keep (curves, fingerprints); never needed to read the verdict.
+    details: dict[str, Any] = Field(default_factory=dict)
+    # Short traceback for ERROR rows.
+    error: Optional[str] = None
+
+
+class Environment(BaseModel):
+    python: str
+    torch: Optional[str] = None
+    device: Optional[str] = None
+    seed: int = 0
+    platform: str = ""
+
+
+class Report(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+    schema_version: int = SCHEMA_VERSION
+    fmcheck_version: str
+    verdict: Verdict
+    exit_code: int
+    environment: Environment
+    pipeline: Optional[str] = None
+    strict: bool = False
+    interrupted: bool = False
+    checks: list[CheckResult] = Field(default_factory=list)
+
+    def check(self, check_id: str) -> CheckResult:
+        for result in self.checks:
+            if result.id == check_id:
+                return result
+        raise KeyError(check_id)
+
+
+def overall_verdict(results: list[CheckResult]) -> Verdict:
+    verdicts = {r.verdict for r in results}
+    for verdict in (Verdict.FAIL, Verdict.ERROR, Verdict.WARN):
+        if verdict in verdicts:
+            return verdict
+    return Verdict.PASS
+
+
+def exit_code_for(results: list[CheckResult]) -> ExitCode:
+    verdicts = {r.verdict for r in results}
+    if Verdict.FAIL in verdicts:
+        return ExitCode.FAILED
+    if Verdict.ERROR in verdicts:
+        return ExitCode.ERROR
+    return ExitCode.OK

@@ -1,0 +1,237 @@
+"""The runner: selects checks, isolates each one, restores the user's state after each, and assembles the report.
+
+``run_check`` is the one function that executes a check; exceptions, timeouts and interrupts become data there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import signal
+import sys
+import threading
+import time
+from typing import Any, Iterable, Optional
+
+from . import _version
+from .api import Check, Judgement, Skip
+from .config import Settings, thresholds_for
+from .context import Context
+from .contract import Pipeline
+from .errors import PipelineError, UsageError
+from .isolate import CheckTimeout, capture, describe, full_traceback, short_traceback
+from .registry import Registry, discover
+from .report import CheckResult, Environment, Report, exit_code_for, overall_verdict
+from .state import StateSnapshot
+from .verdict import Verdict
+
+
+class Listener:
+    """Receives run events (the progress display is one). Every method is optional to override."""
+
+    def run_started(self, checks: list[type[Check]]) -> None: ...
+    def check_started(self, check_id: str, title: str) -> None: ...
+    def check_progress(self, check_id: str, completed: float, total: Optional[float], fields: dict) -> None: ...
+    def check_finished(self, result: CheckResult) -> None: ...
+
+
+@contextlib.contextmanager
+def time_limit(seconds: Optional[float]):
+    """Raise CheckTimeout in the main thread after ``seconds`` (SIGALRM); a no-op where signals are unavailable."""
+    usable = (seconds is not None and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise CheckTimeout(f"timed out after {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def select_checks(registry: Registry, only: Optional[Iterable[str]] = None,
+                  skip: Optional[Iterable[str]] = None) -> list[type[Check]]:
+    known = set(registry.checks) | {f.name for f in registry.failures}
+    for check_id in [*(only or []), *(skip or [])]:
+        if check_id not in known:
+            raise UsageError(f"unknown check id '{check_id}' (known: {', '.join(sorted(known)) or 'none'})")
+    chosen = [c for c in registry.ordered() if (not only or c.id in only) and c.id not in set(skip or ())]
+    return chosen
+
+
+def _missing_needs(check: type[Check], pipeline: Pipeline, ctx: Context) -> Optional[str]:
+    fields = [f for f in check.requires if getattr(pipeline, f, None) is None]
+    if fields:
+        return f"needs pipeline field {', '.join(repr(f) for f in fields)}"
+    if check.requires_outputs:
+        missing = ctx.outputs(0).missing(check.requires_outputs)
+        if missing:
+            return f"step output lacks {', '.join(repr(k) for k in missing)}"
+    return None
+
+
+def _error_result(check: type[Check], exc: BaseException, debug: bool, duration: float) -> CheckResult:
+    import torch
+
+    if isinstance(exc, CheckTimeout):
+        summary, hint = str(exc), "raise the limit with --timeout or reduce --max-steps / --samples"
+    elif isinstance(exc, torch.cuda.OutOfMemoryError):
+        summary = f"out of accelerator memory ({describe(exc)})"
+        hint = "lower the batch size the pipeline yields, or run this check with --device cpu"
+    elif isinstance(exc, PipelineError):
+        summary, hint = str(exc), None
+    else:
+        summary, hint = f"check crashed: {describe(exc)}", "rerun with --debug for the full traceback"
+    traceback_text = full_traceback(exc) if debug else short_traceback(exc)
+    return CheckResult(id=check.id, title=check.title, verdict=Verdict.ERROR, summary=summary, hint=hint,
+                       duration_s=duration, error=traceback_text)
+
+
+def run_check(check: type[Check], ctx: Context, thresholds: Any, snapshot: StateSnapshot) -> CheckResult:
+    """Measure and judge one check in isolation; the user's state is restored whatever happens."""
+    start = time.perf_counter()
+    ctx.check_id = check.id
+    ctx.deadline = time.monotonic() + ctx.settings.timeout
+    try:
+        with time_limit(ctx.settings.timeout):
+            reason_outcome = capture(_missing_needs, check, ctx.pipeline, ctx)
+            measured = capture(check().measure, ctx) if reason_outcome.ok and reason_outcome.value is None else None
+    finally:
+        snapshot.restore()
+        ctx.check_id, ctx.deadline = None, None
+    duration = time.perf_counter() - start
+
+    if not reason_outcome.ok:
+        return _error_result(check, reason_outcome.exc, ctx.settings.debug, duration)
+    if reason_outcome.value is not None:
+        return CheckResult(id=check.id, title=check.title, verdict=Verdict.SKIP,
+                           summary=f"skipped: {reason_outcome.value}", duration_s=duration)
+    assert measured is not None
+    if isinstance(measured.exc, Skip):
+        return CheckResult(id=check.id, title=check.title, verdict=Verdict.SKIP,
+                           summary=f"skipped: {measured.exc}", duration_s=duration)
+    if not measured.ok:
+        return _error_result(check, measured.exc, ctx.settings.debug, duration)
+    judged = capture(check().judge, measured.value, thresholds)
+    if not judged.ok:
+        result = _error_result(check, judged.exc, ctx.settings.debug, duration)
+        result.summary = f"judging failed: {describe(judged.exc)}"
+        return result
+    judgement: Judgement = judged.value
+    return CheckResult(id=check.id, title=check.title, verdict=judgement.final_verdict(), summary=judgement.summary,
+                       measurements=judgement.measurements, hint=judgement.hint, duration_s=duration,
+                       details=judgement.details)
+
+
+def _resolve_device(pipeline: Pipeline, requested: Optional[str]):
+    import torch
+
+    if requested is not None:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {requested}: CUDA is not available on this machine")
+        return device
+    for module in pipeline.trainable_modules().values():
+        for param in module.parameters():
+            return param.device
+    return torch.device("cpu")
+
+
+def _place_modules(pipeline: Pipeline, device) -> dict[int, Any]:
+    """Move the pipeline's modules to ``device``; returns each module's previous device for the way back."""
+    previous: dict[int, Any] = {}
+    modules = [*pipeline.trainable_modules().values(), *pipeline.frozen_modules().values()]
+    for extra in (pipeline.vae, pipeline.velocity):
+        if extra is not None and hasattr(extra, "to") and hasattr(extra, "parameters"):
+            modules.append(extra)
+    for module in modules:
+        if id(module) in previous:
+            continue
+        param = next(iter(module.parameters()), None)
+        if param is not None and param.device != device:
+            previous[id(module)] = (module, param.device)
+            module.to(device)
+    return previous
+
+
+def _environment(device, seed: int) -> Environment:
+    import torch
+
+    return Environment(python=platform.python_version(), torch=torch.__version__, device=str(device), seed=seed,
+                       platform=f"{platform.system()}-{platform.machine()}")
+
+
+def _promote_strict(result: CheckResult) -> CheckResult:
+    if result.verdict is Verdict.WARN:
+        return result.model_copy(update={"verdict": Verdict.FAIL, "summary": f"{result.summary} [warn, --strict]"})
+    return result
+
+
+def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Optional[Iterable[str]] = None,
+        skip: Optional[Iterable[str]] = None, registry: Optional[Registry] = None,
+        listener: Optional[Listener] = None, origins: Optional[dict[str, str]] = None,
+        pipeline_name: Optional[str] = None) -> Report:
+    """Run the selected checks against ``pipeline`` and return the report. Raises UsageError when nothing can run."""
+    settings = settings or Settings()
+    registry = registry if registry is not None else discover()
+    listener = listener or Listener()
+    only, skip = list(only or []), list(skip or [])
+    checks = select_checks(registry, only, skip)
+    thresholds = {c.id: thresholds_for(c, settings, origins or {}) for c in checks}
+    unknown_tables = set(settings.thresholds) - set(registry.checks)
+    if unknown_tables:
+        raise UsageError(f"thresholds given for unknown check id '{sorted(unknown_tables)[0]}'")
+
+    device = _resolve_device(pipeline, settings.device)
+    snapshot = StateSnapshot(pipeline)  # before anything moves or runs
+    moved = _place_modules(pipeline, device)
+    ctx = Context(pipeline, settings, device, listener)
+    results: list[CheckResult] = []
+    interrupted = False
+    try:
+        with time_limit(settings.timeout):
+            probe = capture(ctx.outputs, 0)
+        snapshot.restore()
+        if not probe.ok:
+            exc = probe.exc
+            message = str(exc) if isinstance(exc, UsageError) else f"step(batch, step_index=0) raised {describe(exc)}"
+            raise PipelineError(message) from exc
+
+        failures = [f for f in registry.failures if (not only or f.name in only) and f.name not in skip]
+        for failure in failures:
+            results.append(CheckResult(id=failure.name, title=f"plugin {failure.target}", verdict=Verdict.ERROR,
+                                       summary=failure.reason, hint=f"from the distribution {failure.distribution}"))
+        listener.run_started(checks)
+        for index, check in enumerate(checks):
+            listener.check_started(check.id, check.title)
+            try:
+                result = run_check(check, ctx, thresholds[check.id], snapshot)
+            except KeyboardInterrupt:
+                interrupted = True
+                result = CheckResult(id=check.id, title=check.title, verdict=Verdict.ERROR,
+                                     summary="interrupted (Ctrl-C); state restored")
+            if settings.strict:
+                result = _promote_strict(result)
+            results.append(result)
+            listener.check_finished(result)
+            if interrupted:
+                for rest in checks[index + 1:]:
+                    results.append(CheckResult(id=rest.id, title=rest.title, verdict=Verdict.SKIP,
+                                               summary="not run: interrupted"))
+                break
+    finally:
+        for module, original in moved.values():
+            module.to(original)
+        snapshot.restore()
+
+    code = exit_code_for(results)
+    return Report(fmcheck_version=_version.__version__, verdict=overall_verdict(results), exit_code=int(code),
+                  environment=_environment(device, settings.seed), pipeline=pipeline_name, strict=settings.strict,
+                  interrupted=interrupted, checks=results)

@@ -1,0 +1,132 @@
+"""Test-only checks, installed as a third-party distribution through real entry-point metadata (see the dist-info)."""
+
+from __future__ import annotations
+
+import time
+
+from fmcheck import judges
+from fmcheck.api import Check, CheckDoc, Judgement, Skip, Thresholds
+
+DOC = CheckDoc(what="test", why="test", bug_example="test", fix="test")
+
+
+class RatioThresholds(Thresholds):
+    warn_factor: float = 2.0
+    fail_factor: float = 3.0
+
+
+class Ratio(Check):
+    """Measures ||x1|| / ||x0|| on the cached outputs, so thresholds decide PASS / WARN / FAIL."""
+
+    id, title, purpose, doc = "t_ratio", "norm ratio (test)", "test-only ratio check", DOC
+    requires_outputs = ("x0", "x1")
+    Thresholds = RatioThresholds
+    order = 1
+
+    def measure(self, ctx):
+        out = ctx.outputs(0)
+        return float(out["x1"].norm(dim=-1).mean() / out["x0"].norm(dim=-1).mean())
+
+    def judge(self, ratio, th):
+        m = judges.ratio_within("x1/x0", ratio, warn_factor=th.warn_factor, fail_factor=th.fail_factor)
+        return Judgement([m], summary=f"ratio {ratio:.3g}", hint="fix the scale" if m.verdict != "pass" else None)
+
+
+class Raises(Check):
+    id, title, purpose, doc = "t_raise", "raises (test)", "test-only check that crashes", DOC
+    order = 2
+
+    def measure(self, ctx):
+        raise RuntimeError("boom <&> \x01")
+
+    def judge(self, obs, th):  # pragma: no cover - never reached
+        return Judgement([], "unreachable")
+
+
+class Hangs(Check):
+    id, title, purpose, doc = "t_hang", "hangs (test)", "test-only check that never returns", DOC
+    order = 3
+
+    def measure(self, ctx):
+        while True:
+            time.sleep(0.01)
+
+    def judge(self, obs, th):  # pragma: no cover
+        return Judgement([], "unreachable")
+
+
+class Mutates(Check):
+    """Trains a few steps with the user's optimizer and draws from every RNG: the runner must undo all of it."""
+
+    id, title, purpose, doc = "t_mutate", "mutates state (test)", "test-only check that changes everything", DOC
+    requires = ("optimizer",)
+    order = 4
+
+    def measure(self, ctx):
+        import random
+
+        import numpy as np
+        import torch
+
+        pipeline = ctx.pipeline
+        for index, batch in enumerate(ctx.batches(2)):
+            out = ctx.run_step(batch, index)
+            pipeline.optimizer.zero_grad()
+            out["loss"].backward()
+            pipeline.optimizer.step()
+        for module in pipeline.trainable_modules().values():
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+        random.random(), np.random.rand(), torch.rand(3)
+        return 1.0
+
+    def judge(self, obs, th):
+        return Judgement([judges.info("steps", 2)], "mutated")
+
+
+class Interrupts(Check):
+    id, title, purpose, doc = "t_interrupt", "interrupted (test)", "test-only check that mutates then gets Ctrl-C", DOC
+    requires = ("optimizer",)
+    order = 5
+
+    def measure(self, ctx):
+        Mutates().measure(ctx)
+        raise KeyboardInterrupt
+
+    def judge(self, obs, th):  # pragma: no cover
+        return Judgement([], "unreachable")
+
+
+class NeedsVae(Check):
+    id, title, purpose, doc = "t_needs_vae", "needs a VAE (test)", "test-only check that needs the vae field", DOC
+    requires = ("vae",)
+    order = 6
+
+    def measure(self, ctx):  # pragma: no cover
+        return None
+
+    def judge(self, obs, th):  # pragma: no cover
+        return Judgement([], "unreachable")
+
+
+class SkipsItself(Check):
+    id, title, purpose, doc = "t_skip", "skips (test)", "test-only check that raises Skip", DOC
+    order = 7
+
+    def measure(self, ctx):
+        raise Skip("the pipeline has no head")
+
+    def judge(self, obs, th):  # pragma: no cover
+        return Judgement([], "unreachable")
+
+
+class WarnAlways(Check):
+    id, title, purpose, doc = "t_warn", "warns (test)", "test-only check that always warns", DOC
+    order = 8
+
+    def measure(self, ctx):
+        return 5.0
+
+    def judge(self, value, th):
+        return Judgement([judges.at_most("value", value, warn=1.0, fail=10.0)], "warned", hint="lower it")

@@ -1,0 +1,59 @@
+"""Packaging: `checks/` installs as fmcheck.checks (no generic top-level name), and the light commands stay light."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+LIGHT_COMMANDS = [["--help"], ["--version"], ["list"], ["all", "--help"], ["explain", "--help"]]
+
+
+@pytest.mark.parametrize("args", LIGHT_COMMANDS)
+def test_light_commands_do_not_import_torch(args):
+    code = (
+        "import sys\n"
+        "from fmcheck.cli import app\n"
+        f"try:\n    app({args!r})\nexcept SystemExit as exit:\n    assert exit.code in (0, None), exit.code\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'numpy') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+def test_editable_install_maps_checks_into_fmcheck():
+    result = subprocess.run([sys.executable, "-c", "import fmcheck.checks as c; print(c.__file__)"],
+                            capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == ROOT / "checks" / "__init__.py"
+
+
+def test_built_wheel_installs_checks_as_a_subpackage_only(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    wheel = next(tmp_path.glob("fmcheck-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names}
+    assert "checks" not in top_level and "fixtures" not in top_level and "tests" not in top_level
+    assert "fmcheck/checks/__init__.py" in names
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "[fmcheck.checks]" in entry_points
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    # PYTHONPATH precedes the editable install's finder, which sits at the end of sys.meta_path.
+    result = subprocess.run([sys.executable, "-c", "import fmcheck.checks as c; print(c.__file__)"],
+                            capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": str(target)})
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == target / "fmcheck" / "checks" / "__init__.py"
