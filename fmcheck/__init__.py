@@ -5,6 +5,7 @@ The public API is re-exported here; implementations live in the submodules. Impo
 
 from ._version import __version__
 from .api import Check, CheckDoc, Judgement, Skip, Thresholds
+from .api_run import PreflightError, preflight, run
 from .config import Settings
 from .contract import Pipeline, load_pipeline
 from .errors import ConfigError, PipelineError, UsageError
@@ -13,14 +14,7 @@ from .verdict import ExitCode, Verdict
 
 __all__ = [
     "__version__", "Check", "CheckDoc", "CheckResult", "ConfigError", "ExitCode", "Judgement", "Measurement",
-    "Pipeline", "PipelineError", "Report", "Settings", "Skip", "Thresholds", "UsageError", "Verdict", "load_pipeline",
-    "run",
+    "Pipeline", "PipelineError", "PreflightError", "Report", "Settings", "Skip", "Thresholds", "UsageError",
+    "Verdict", "load_pipeline", "preflight", "run",
 ]
 
-
-def run(pipeline, checks=None, *, skip=None, **options):
-    """Run checks on a Pipeline (or its dict form) and return the Report. ``options`` are Settings fields."""
-    from .contract import coerce
-    from .runner import run as _run
-
-    return _run(coerce(pipeline), Settings(**options), only=checks, skip=skip)

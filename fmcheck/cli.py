@@ -194,5 +194,16 @@ def explain(check_id: Annotated[str, typer.Argument(help="A check id from `fmche
     Console().print(Markdown(check_markdown(cls)))
 
 
+@app.command("init", help="Write a commented adapter template (build() around your training step). Never overwrites.")
+def init(path: Annotated[str, typer.Argument(help="File or folder (default: ./fmcheck_adapter.py).")] = ".") -> None:
+    from .scaffold import write_template
+
+    try:
+        target = write_template(path)
+    except UsageError as exc:
+        raise _fail_usage(exc, False) from None
+    typer.echo(f"wrote {target}: fill in the TODOs, then run `fmcheck all --module {target.stem}:build`")
+
+
 def main() -> None:
     app()

@@ -35,8 +35,13 @@ class StepOutputs(Mapping):
                     f"{where} output '{key}' is a {type(value).__name__}; expected a tensor or a number"
                 )
         loss = raw["loss"]
-        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+        if not isinstance(loss, torch.Tensor):
+            raise PipelineError(f"{where} output 'loss' is a {type(loss).__name__}; expected the scalar tensor "
+                                "training calls .backward() on")
+        if loss.numel() != 1:
             raise PipelineError(f"{where} output 'loss' has shape {tuple(loss.shape)}; expected a scalar")
+        _check_devices(raw, where)
+        _check_shapes(raw, where)
         self._raw = dict(raw)
         self.where = where
 
@@ -68,6 +73,30 @@ class StepOutputs(Mapping):
 
         return StepOutputs({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in self._raw.items()},
                            self.where)
+
+
+# Outputs that live in latent space and must agree in shape with each other.
+LATENT_KEYS = ("x0", "x1", "xt", "v_target", "v_pred")
+
+
+def _check_devices(raw: Mapping, where: str) -> None:
+    import torch
+
+    placed = [(k, v.device) for k, v in raw.items() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    for key, device in placed[1:]:
+        if device != placed[0][1]:
+            raise PipelineError(f"{where} output '{key}' is on {device} but '{placed[0][0]}' is on {placed[0][1]}; "
+                                "return every output on one device")
+
+
+def _check_shapes(raw: Mapping, where: str) -> None:
+    import torch
+
+    shaped = [(k, tuple(raw[k].shape)) for k in LATENT_KEYS if isinstance(raw.get(k), torch.Tensor)]
+    for key, shape in shaped[1:]:
+        if shape != shaped[0][1]:
+            raise PipelineError(f"{where} output '{key}' has shape {shape} but '{shaped[0][0]}' has "
+                                f"{shaped[0][1]}; latent-space outputs must agree")
 
 
 def to_device(value: Any, device: Any) -> Any:

@@ -161,6 +161,20 @@ def _place_modules(pipeline: Pipeline, device) -> dict[int, Any]:
     return previous
 
 
+def _probe(ctx: Context, settings: Settings) -> None:
+    """Read the first batch and run the step once: a pipeline that cannot do that stops the run with one line."""
+    with time_limit(settings.timeout):
+        batches = capture(ctx.batches, 1)
+        probe = capture(ctx.outputs, 0) if batches.ok else batches
+    if probe.ok:
+        return
+    exc = probe.exc
+    if isinstance(exc, UsageError):
+        raise exc
+    where = "iterating pipeline field 'batches'" if not batches.ok else "step(batch, step_index=0)"
+    raise PipelineError(f"{where} raised {describe(exc)}") from exc
+
+
 def _environment(device, seed: int) -> Environment:
     import torch
 
@@ -196,13 +210,8 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
     results: list[CheckResult] = []
     interrupted = False
     try:
-        with time_limit(settings.timeout):
-            probe = capture(ctx.outputs, 0)
+        _probe(ctx, settings)
         snapshot.restore()
-        if not probe.ok:
-            exc = probe.exc
-            message = str(exc) if isinstance(exc, UsageError) else f"step(batch, step_index=0) raised {describe(exc)}"
-            raise PipelineError(message) from exc
 
         failures = [f for f in registry.failures if (not only or f.name in only) and f.name not in skip]
         for failure in failures:

@@ -1,0 +1,68 @@
+"""The Python API: ``fmcheck.run`` for a report, ``fmcheck.preflight`` to stop a training script on FAIL."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Union
+
+from .config import Settings
+from .contract import Pipeline, coerce, load_pipeline
+from .errors import ConfigError
+from .report import Report
+from .verdict import Verdict
+
+PipelineLike = Union[Pipeline, dict, str]
+
+
+class PreflightError(RuntimeError):
+    """Raised by :func:`preflight` when a check fails; ``report`` holds the whole report."""
+
+    def __init__(self, report: Report):
+        self.report = report
+        bad = [c for c in report.checks if c.verdict in (Verdict.FAIL, Verdict.ERROR)]
+        lines = [f"fmcheck: {len(bad)} check(s) did not pass before training:"]
+        for check in bad:
+            lines.append(f"  {check.id}: {check.verdict.value.upper()} {check.summary}")
+            for m in check.measurements:
+                if m.verdict is not Verdict.PASS:
+                    lines.append(f"    {m.name} = {m.value} {m.unit} (expected {m.expected})".rstrip())
+            if check.hint:
+                lines.append(f"    fix: {check.hint}")
+        super().__init__("\n".join(lines))
+
+
+def _settings(options: dict[str, Any]) -> Settings:
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**options)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise ConfigError(f"option '{'.'.join(map(str, error['loc']))}': {error['msg']}") from exc
+
+
+def _pipeline(pipeline: PipelineLike) -> Pipeline:
+    return load_pipeline(pipeline) if isinstance(pipeline, str) else coerce(pipeline)
+
+
+def run(pipeline: PipelineLike, checks: Optional[Iterable[str]] = None, *, skip: Optional[Iterable[str]] = None,
+        **options: Any) -> Report:
+    """Run checks on a pipeline (a Pipeline, its dict form, or "module:attr") and return the Report.
+
+    ``options`` are :class:`~fmcheck.config.Settings` fields: device, seed, samples, max_steps, time_budget, timeout,
+    strict, thresholds={"norms": {"ratio_warn": 3.0}}, ...
+    """
+    from .runner import run as run_checks
+
+    name = pipeline if isinstance(pipeline, str) else None
+    return run_checks(_pipeline(pipeline), _settings(options), only=checks, skip=skip, pipeline_name=name)
+
+
+def preflight(pipeline: PipelineLike, checks: Optional[Iterable[str]] = None, **options: Any) -> Report:
+    """Run the checks and raise :class:`PreflightError` on any FAIL or ERROR; return the report otherwise.
+
+    Call it at the top of a training script, before the first optimizer step.
+    """
+    report = run(pipeline, checks, **options)
+    if report.verdict in (Verdict.FAIL, Verdict.ERROR):
+        raise PreflightError(report)
+    return report

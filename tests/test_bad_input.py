@@ -1,0 +1,117 @@
+"""The bad-input catalogue: each mistake a user can make gets one line naming the problem and where it is.
+
+Every case runs the real CLI in-process (typer's CliRunner) on a small module written to a temporary project, and
+asserts the exit code, the message, that there is no traceback, and that the user's files are untouched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TESTS
+from fmcheck.cli import app
+
+_counter = itertools.count()
+
+BASE = f"""
+import sys
+sys.path.insert(0, {str(TESTS)!r})
+import math
+import torch
+import tiny
+
+def pipeline(**changes):
+    data = tiny.build()
+    data.update(changes)
+    return data
+"""
+
+# (case id, module body, extra CLI args, exit code, message fragment)
+CASES = [
+    ("module-not-found", None, [], 2, "no module named"),
+    ("attribute-missing", "x = 1", [], 2, "has no attribute 'build'"),
+    ("build-raises", "def build():\n    raise FileNotFoundError('data/train.parquet')", [], 2,
+     "build() raised FileNotFoundError: data/train.parquet ("),
+    ("build-wrong-type", "def build():\n    return [1, 2]", [], 2, "returned a list; expected fmcheck.Pipeline"),
+    ("build-needs-args", "def build(cfg):\n    return {}", [], 2, "requires cfg"),
+    ("import-error-inside", "import torchvisionx", [], 2, "raised ModuleNotFoundError: No module named 'torchvisionx'"),
+    ("missing-step", "def build():\n    d = pipeline()\n    del d['step']\n    return d", [], 2,
+     "pipeline field 'step' is required"),
+    ("missing-trainable", "def build():\n    d = pipeline()\n    del d['trainable']\n    return d", [], 2,
+     "pipeline field 'trainable' is required"),
+    ("unknown-key", "def build():\n    return pipeline(optimiser=None)", [], 2,
+     "unknown pipeline key 'optimiser' (did you mean 'optimizer'?)"),
+    ("trainable-not-module", "def build():\n    return pipeline(trainable={'head': 'head'})", [], 2,
+     "'trainable['head']': expected torch.nn.Module, got str"),
+    ("optimizer-wrong-type", "def build():\n    return pipeline(optimizer={'lr': 1e-4})", [], 2,
+     "'optimizer': expected a torch.optim.Optimizer, got dict"),
+    ("batches-iterator", "def build():\n    return pipeline(batches=iter(tiny.build()['batches']))", [], 2,
+     "iterator, which is exhausted after one pass"),
+    ("batches-empty", "def build():\n    return pipeline(batches=[])", [], 2, "'batches' yielded no batch"),
+    ("batches-raise", "def gen():\n    raise OSError('shard 3 unreadable')\n    yield\n"
+                      "def build():\n    return pipeline(batches=gen)", [], 2,
+     "iterating pipeline field 'batches' raised OSError: shard 3 unreadable"),
+    ("step-raises", "def build():\n    d = pipeline()\n    def step(b, i):\n        raise KeyError('caption')\n"
+                    "    d['step'] = step\n    return d", [], 2, "step(batch, step_index=0) raised KeyError: 'caption' ("),
+    ("step-not-mapping", "def build():\n    d = pipeline()\n    s = d['step']\n"
+                         "    d['step'] = lambda b, i: s(b, i)['loss']\n    return d", [], 2,
+     "returned a Tensor; expected a mapping"),
+    ("step-no-loss", "def build():\n    d = pipeline()\n    s = d['step']\n"
+                     "    d['step'] = lambda b, i: {'fm': s(b, i)['loss']}\n    return d", [], 2,
+     "returned no 'loss' (keys: fm)"),
+    ("loss-not-scalar", "def build():\n    d = pipeline()\n    s = d['step']\n"
+                        "    d['step'] = lambda b, i: {**s(b, i), 'loss': torch.ones(4)}\n    return d", [], 2,
+     "output 'loss' has shape (4,); expected a scalar"),
+    ("loss-a-float", "def build():\n    d = pipeline()\n    s = d['step']\n"
+                     "    d['step'] = lambda b, i: {**s(b, i), 'loss': 0.5}\n    return d", [], 2,
+     "output 'loss' is a float; expected the scalar tensor"),
+    ("output-a-string", "def build():\n    d = pipeline()\n    s = d['step']\n"
+                        "    d['step'] = lambda b, i: {**s(b, i), 'caption': 'a seven'}\n    return d", [], 2,
+     "output 'caption' is a str"),
+    ("mixed-devices", "def build():\n    d = pipeline()\n    s = d['step']\n"
+                      "    d['step'] = lambda b, i: {**s(b, i), 'x1': torch.zeros(32, 16, device='meta')}\n"
+                      "    return d", [], 2, "output 'x1' is on meta but 'x0' is on cpu"),
+    ("shape-mismatch", "def build():\n    d = pipeline()\n    s = d['step']\n"
+                       "    d['step'] = lambda b, i: {**s(b, i), 'v_pred': torch.zeros(32, 8)}\n    return d", [], 2,
+     "output 'v_pred' has shape (32, 8) but 'x0' has (32, 16)"),
+    ("total-steps-negative", "def build():\n    return pipeline(total_steps=-5)", [], 2,
+     "'total_steps': expected a positive int, got -5"),
+    ("unknown-check-id", "def build():\n    return pipeline()", ["--only", "nrms"], 2, "unknown check id 'nrms'"),
+    ("bad-set", "def build():\n    return pipeline()", ["--set", "norms"], 2, "expected CHECK.THRESHOLD=VALUE"),
+    ("bad-device", "def build():\n    return pipeline()", ["--device", "gpu0"], 2, "expected cpu, cuda or cuda:N"),
+    ("cuda-unavailable", "def build():\n    return pipeline()", ["--device", "cuda"], 2, "CUDA is not available"),
+    ("config-missing", "def build():\n    return pipeline()", ["--config", "nope.toml"], 2,
+     "--config nope.toml: no such file"),
+    ("config-invalid-toml", "def build():\n    return pipeline()", ["--config", "bad.toml"], 2, "invalid TOML"),
+    ("config-unknown-setting", "def build():\n    return pipeline()", ["--config", "unknown.toml"], 2,
+     "unknown setting 'sample'"),
+    ("negative-samples", "def build():\n    return pipeline()", ["--samples", "0"], 2,
+     "setting 'samples': Input should be greater than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize("case, body, args, code, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(tmp_path, monkeypatch, case, body, args, code, message):
+    monkeypatch.chdir(tmp_path)
+    name = f"user_train_{next(_counter)}"
+    if body is not None:
+        (tmp_path / f"{name}.py").write_text(BASE + "\n" + textwrap.dedent(body) + "\n")
+    (tmp_path / "bad.toml").write_text("samples = [\n")
+    (tmp_path / "unknown.toml").write_text("sample = 3\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = CliRunner().invoke(app, ["all", "--module", f"{name}:build", *args], catch_exceptions=False)
+    output = result.output
+    assert result.exit_code == code, output
+    assert message in " ".join(output.split()), output
+    assert "Traceback" not in output
+    assert len([line for line in output.splitlines() if line.strip()]) == 1, output
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "__pycache__"}
+    assert after == before  # nothing of the user's was touched, nothing was written
+
+
+def test_the_catalogue_is_large():
+    assert len(CASES) >= 25
