@@ -68,15 +68,25 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
     from .renderers.console import ProgressDisplay, render
     from .runner import run
 
+    from . import distributed
+
     human = Console(stderr=json_path == "-")
+    rank = None
     try:
         settings, origins = load_settings({**cli_settings, "debug": debug}, config, overrides)
+        rank = distributed.setup(settings.device)
+        if rank is not None and settings.device is None:
+            settings = settings.model_copy(update={"device": distributed.default_device(rank)})
         pipeline = load_pipeline(module)
-        with ProgressDisplay(human) as progress:
+        with ProgressDisplay(human, enabled=rank is None or rank.is_main) as progress:
             report = run(pipeline, settings, only=only, skip=skip, listener=progress, origins=origins,
-                         pipeline_name=module)
+                         pipeline_name=module, rank=rank)
     except UsageError as exc:
         raise _fail_usage(exc, debug) from None
+    finally:
+        distributed.teardown(rank)
+    if rank is not None and not rank.is_main:  # rank 0 alone renders and writes; every rank exits alike
+        raise typer.Exit(report.exit_code)
     render(report, human)
     if json_path == "-":
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")

@@ -136,8 +136,9 @@ def batch_size(batch: Any) -> Optional[int]:
 
 
 class Context:
-    def __init__(self, pipeline: Pipeline, settings: Settings, device: Any, listener: Any = None):
+    def __init__(self, pipeline: Pipeline, settings: Settings, device: Any, listener: Any = None, rank: Any = None):
         self.pipeline = pipeline
+        self.rank = rank  # fmcheck.distributed.Rank under torchrun, else None
         self.settings = settings
         self.device = device
         self.seed = settings.seed
@@ -172,10 +173,14 @@ class Context:
         """The first ``count`` training batches (default: ``measure_batches``), on the device, the same every call."""
         count = count or self.settings.measure_batches
         if len(self._batches) < count and not self._batches_exhausted:
-            iterator = self.pipeline.iter_batches()
-            for index, batch in enumerate(iterator):
-                if index >= len(self._batches):
+            offset, stride = self._shard()
+            kept = 0
+            for index, batch in enumerate(self.pipeline.iter_batches()):
+                if index % stride != offset:
+                    continue
+                if kept >= len(self._batches):
                     self._batches.append(to_device(batch, self.device))
+                kept += 1
                 if len(self._batches) >= count:
                     break
             else:
@@ -183,6 +188,14 @@ class Context:
         if not self._batches:
             raise PipelineError("pipeline field 'batches' yielded no batch")
         return self._batches[:count]
+
+    def _shard(self) -> tuple[int, int]:
+        """(offset, stride) over the batch stream: each rank takes its own batches unless the loader already does."""
+        from .distributed import already_sharded
+
+        if self.rank is None or already_sharded(self.pipeline.batches):
+            return 0, 1
+        return self.rank.rank, self.rank.world_size
 
     def batches_for_samples(self, samples: int) -> list[Any]:
         """Enough leading batches to hold ``samples`` samples (fewer when the data runs out)."""

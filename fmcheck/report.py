@@ -48,6 +48,7 @@ class Environment(BaseModel):
     device: Optional[str] = None
     seed: int = 0
     platform: str = ""
+    world_size: int = 1
 
 
 class Report(BaseModel):

@@ -191,7 +191,7 @@ def _promote_strict(result: CheckResult) -> CheckResult:
 def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Optional[Iterable[str]] = None,
         skip: Optional[Iterable[str]] = None, registry: Optional[Registry] = None,
         listener: Optional[Listener] = None, origins: Optional[dict[str, str]] = None,
-        pipeline_name: Optional[str] = None) -> Report:
+        pipeline_name: Optional[str] = None, rank: Any = None) -> Report:
     """Run the selected checks against ``pipeline`` and return the report. Raises UsageError when nothing can run."""
     settings = settings or Settings()
     registry = registry if registry is not None else discover()
@@ -206,7 +206,7 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
     device = _resolve_device(pipeline, settings.device)
     snapshot = StateSnapshot(pipeline)  # before anything moves or runs
     moved = _place_modules(pipeline, device)
-    ctx = Context(pipeline, settings, device, listener)
+    ctx = Context(pipeline, settings, device, listener, rank=rank)
     results: list[CheckResult] = []
     interrupted = False
     try:
@@ -241,6 +241,11 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
         snapshot.restore()
 
     code = exit_code_for(results)
-    return Report(fmcheck_version=_version.__version__, verdict=overall_verdict(results), exit_code=int(code),
-                  environment=_environment(device, settings.seed), pipeline=pipeline_name, strict=settings.strict,
-                  interrupted=interrupted, checks=results)
+    report = Report(fmcheck_version=_version.__version__, verdict=overall_verdict(results), exit_code=int(code),
+                    environment=_environment(device, settings.seed), pipeline=pipeline_name, strict=settings.strict,
+                    interrupted=interrupted, checks=results)
+    if rank is not None:
+        from .distributed import all_gather, merge
+
+        report = merge(all_gather(report))
+    return report

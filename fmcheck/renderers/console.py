@@ -55,6 +55,50 @@ def summary_table(report: Report) -> Table:
     return table
 
 
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list, width: int = 32) -> str:
+    """A one-line chart of a curve (resampled to ``width`` points); non-finite points show as '·'."""
+    import math
+
+    points = [v for v in values if isinstance(v, (int, float))]
+    if not points:
+        return ""
+    if len(points) > width:
+        points = [points[round(i * (len(points) - 1) / (width - 1))] for i in range(width)]
+    finite = [v for v in points if math.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 0.0)
+    span = high - low
+    chars = []
+    for v in points:
+        if not math.isfinite(v):
+            chars.append("·")
+        else:
+            chars.append(SPARK[0] if span == 0 else SPARK[min(len(SPARK) - 1, int((v - low) / span * len(SPARK)))])
+    return "".join(chars)
+
+
+def curve_lines(result: CheckResult) -> list[Text]:
+    """One line per curve in ``details["curves"]`` (a mapping of name -> list of numbers; "step" is the x axis)."""
+    curves = result.details.get("curves") if isinstance(result.details, dict) else None
+    if not isinstance(curves, dict):
+        return []
+    steps = curves.get("step") or []
+    lines = []
+    for name, values in curves.items():
+        if name == "step" or not isinstance(values, list) or not values:
+            continue
+        numbers = [v for v in values if isinstance(v, (int, float))]
+        if not numbers:
+            continue
+        span = f"steps {steps[0]}..{steps[-1]}  " if steps else ""
+        lines.append(Text.assemble((f"{name:>12} ", "bold"), sparkline(values),
+                                   f"  {format_value(float(numbers[0]))} -> {format_value(float(numbers[-1]))}  "
+                                   f"{span}", style=None))
+    return lines
+
+
 def details(result: CheckResult) -> Panel:
     parts: list = []
     if result.measurements:
@@ -68,6 +112,7 @@ def details(result: CheckResult) -> Panel:
         parts.append(Text.assemble(("fix: ", "bold"), result.hint))
     if result.error:
         parts.append(Text(result.error, style="dim"))
+    parts.extend(curve_lines(result))
     title = Text.assemble((result.id, "bold"), " ", verdict_text(result.verdict), " ", result.summary)
     return Panel(Group(*parts) if parts else Text(""), title=title, title_align="left",
                  border_style=STYLE[result.verdict].replace("bold ", ""))
@@ -78,6 +123,10 @@ def render(report: Report, console: Console) -> None:
     for result in report.checks:
         if result.verdict not in (Verdict.PASS, Verdict.SKIP):
             console.print(details(result))
+        elif result.verdict is Verdict.PASS and curve_lines(result):  # a passing check's curves, without a panel
+            console.print(Text.assemble((f"{result.id} curves", "bold")))
+            for line in curve_lines(result):
+                console.print(line)
     counts = ", ".join(
         f"{sum(1 for c in report.checks if c.verdict is v)} {v.value}" for v in Verdict
         if any(c.verdict is v for c in report.checks)
@@ -91,10 +140,11 @@ def render(report: Report, console: Console) -> None:
 class ProgressDisplay:
     """A run listener that shows one line per running check, with live fields (loss, cos) when a check reports them."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, enabled: bool = True):
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                                 transient=True)
+                                 transient=True, disable=not enabled)
+        self.enabled = enabled
         self.task: Optional[int] = None
 
     def __enter__(self) -> "ProgressDisplay":
@@ -119,4 +169,5 @@ class ProgressDisplay:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
-        self.progress.console.print(Text.assemble(verdict_text(result.verdict), f" {result.id}  {result.summary}"))
+        if self.enabled:
+            self.progress.console.print(Text.assemble(verdict_text(result.verdict), f" {result.id}  {result.summary}"))

@@ -1,0 +1,71 @@
+"""torchrun: 2 gloo processes on CPU over the digits pipeline (passes) and a planted cross-rank bug (fails, naming rank 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from fmcheck.distributed import merge
+from fmcheck.report import CheckResult, Environment, Measurement, Report
+from fmcheck.verdict import Verdict
+
+
+def torchrun(module: str, out, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fmcheck", "all",
+         "--module", module, "--only", "ranks,norms", "--json", str(out), *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.mark.parametrize("module, code", [("fixtures.digits:build", 0), ("fixtures.distributed.rank_scaling:build", 1)])
+def test_torchrun_two_ranks(tmp_path, module, code):
+    out = tmp_path / "report.json"
+    result = torchrun(module, out)
+    assert result.returncode == code, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["environment"]["world_size"] == 2
+    ranks = next(c for c in report["checks"] if c["id"] == "ranks")
+    norms = next(c for c in report["checks"] if c["id"] == "norms")
+    per_rank = norms["details"]["ranks"]
+    assert per_rank and all(len(values) == 2 for values in per_rank.values())
+    numeric = [v for v in per_rank.values() if all(isinstance(x, float) for x in v)]
+    assert any(v[0] != v[1] for v in numeric)  # each rank measured its own shard of batches
+    if code == 0:
+        assert ranks["verdict"] == "pass", ranks
+    else:
+        assert ranks["verdict"] == "fail"
+        assert "VAE scaling config on rank 1" in ranks["summary"] and "z1 std on rank 1" in ranks["summary"]
+    # rank 0 alone renders: the report's title appears once
+    assert result.stdout.count("fmcheck 0.") == 1
+
+
+def _report(verdict: Verdict, value: float, summary: str) -> Report:
+    check = CheckResult(id="norms", verdict=verdict, summary=summary,
+                        measurements=[Measurement(name="ratio", value=value, verdict=verdict)])
+    return Report(fmcheck_version="x", verdict=verdict, exit_code=0, environment=Environment(python="3"),
+                  checks=[check])
+
+
+def test_merge_takes_the_worst_verdict_names_its_rank_and_keeps_each_value():
+    merged = merge([_report(Verdict.PASS, 1.0, "fine"), _report(Verdict.FAIL, 5.0, "ratio 5")])
+    check = merged.checks[0]
+    assert check.verdict is Verdict.FAIL and check.summary == "rank 1: ratio 5"
+    assert check.measurements[0].value == 3.0 and check.details["ranks"]["ratio"] == [1.0, 5.0]
+    assert merged.exit_code == 1 and merged.environment.world_size == 2
+
+
+def test_ranks_check_skips_without_torch_distributed():
+    import tiny
+    from fmcheck.contract import coerce
+    from fmcheck.runner import run
+
+    report = run(coerce(tiny.build()), only=["ranks"])
+    assert report.check("ranks").verdict is Verdict.SKIP
+    assert "not running under torch.distributed" in report.check("ranks").summary
