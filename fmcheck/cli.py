@@ -156,13 +156,15 @@ app.command("all", help="Run every registered check against the pipeline.")(_com
 
 
 def _builtin_ids() -> list[tuple[str, str]]:
-    """(id, module) of fmcheck's own checks, read from packaging metadata without importing them."""
+    """(id, target) of fmcheck's own checks, read from fmcheck's packaging metadata alone: no check is imported
+    and no other distribution is scanned, so --help stays fast."""
     from importlib import metadata
 
-    from .registry import GROUP
-
-    return sorted({(ep.name, ep.value) for ep in metadata.entry_points(group=GROUP)
-                   if getattr(ep, "dist", None) is not None and ep.dist.metadata["Name"] == "fmcheck"})
+    try:
+        entry_points = metadata.distribution("fmcheck").entry_points
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return []
+    return sorted({(ep.name, ep.value) for ep in entry_points if ep.group == "fmcheck.checks"})
 
 
 for _check_id, _target in _builtin_ids():
@@ -213,6 +215,31 @@ def init(path: Annotated[str, typer.Argument(help="File or folder (default: ./fm
     except UsageError as exc:
         raise _fail_usage(exc, False) from None
     typer.echo(f"wrote {target}: fill in the TODOs, then run `fmcheck all --module {target.stem}:build`")
+
+
+@app.command("compare", help="Are two JSON reports' numbers comparable? Same VAE (class, config, weights), scaling "
+                              "as applied, latent shape and pixel resolution. Exit 0 comparable, 1 not, 2 unreadable.")
+def compare(
+    report_a: Annotated[Path, typer.Argument(metavar="A.json", help="A JSON report (fmcheck ... --json PATH).")],
+    report_b: Annotated[Path, typer.Argument(metavar="B.json", help="Another JSON report.")],
+    rtol: Annotated[float, typer.Option(help="Relative tolerance for fitted values (the scaling as applied, from the "
+                                             "scale check); configuration, shapes and hashes must match exactly.")]
+    = 0.01,
+    show_all: Annotated[bool, typer.Option("--all", help="Show identical fields too.")] = False,
+) -> None:
+    from rich.console import Console
+
+    from .fingerprint import compare as compare_fingerprints
+    from .fingerprint import load_fingerprint
+    from .renderers.compare import render_comparison
+
+    try:
+        first, second = load_fingerprint(report_a), load_fingerprint(report_b)
+    except UsageError as exc:
+        raise _fail_usage(exc, False) from None
+    comparison = compare_fingerprints(first, second, rtol=rtol)
+    render_comparison(comparison, str(report_a), str(report_b), Console(), show_all=show_all)
+    raise typer.Exit(int(ExitCode.OK) if comparison.comparable else int(ExitCode.FAILED))
 
 
 def main() -> None:
