@@ -63,12 +63,11 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
              debug: bool, config: Optional[str], overrides: Optional[list[str]], **cli_settings: Any) -> None:
     from rich.console import Console
 
+    from . import distributed
     from .config import load_settings
     from .contract import load_pipeline
     from .renderers.console import ProgressDisplay, render
     from .runner import run
-
-    from . import distributed
 
     human = Console(stderr=json_path == "-")
     rank = None
@@ -88,6 +87,12 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
     if rank is not None and not rank.is_main:  # rank 0 alone renders and writes; every rank exits alike
         raise typer.Exit(report.exit_code)
     render(report, human)
+    _write_reports(report, json_path, junit)
+    raise typer.Exit(report.exit_code)
+
+
+def _write_reports(report: Any, json_path: Optional[str], junit: Optional[Path]) -> None:
+    """--json (a path, or '-' for stdout) and --junit."""
     if json_path == "-":
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     elif json_path:
@@ -96,7 +101,6 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
         from .renderers.junit import to_junit
 
         junit.write_text(to_junit(report))
-    raise typer.Exit(report.exit_code)
 
 
 def _version_callback(value: bool) -> None:
@@ -148,7 +152,7 @@ def _command(only_id: Optional[str]) -> Callable[..., None]:
 def _without(fn: Callable[..., Any], names: tuple[str, ...]):
     import inspect
 
-    signature = inspect.signature(fn)
+    signature = inspect.signature(fn, eval_str=True)  # typer needs the real annotations, not strings
     return signature.replace(parameters=[p for p in signature.parameters.values() if p.name not in names])
 
 
@@ -167,9 +171,86 @@ def _builtin_ids() -> list[tuple[str, str]]:
     return sorted({(ep.name, ep.value) for ep in entry_points if ep.group == "fmcheck.checks"})
 
 
+def _scale_command() -> Callable[..., None]:
+    """`scale`: the check on a pipeline (--module, as every check), or standalone on a VAE (--vae)."""
+    import inspect
+    import typing
+
+    check = _command("scale")
+    hints = typing.get_type_hints(check, include_extras=True)
+    standalone_only = ("samples", "max_steps", "time_budget", "timeout", "plot")
+
+    def command(module: Optional[str] = None, vae: Optional[str] = None, images: Optional[str] = None,
+                resolution: Optional[int] = None, **common: Any) -> None:
+        debug = bool(common.get("debug"))
+        if (module is None) == (vae is None):
+            message = ("scale: --module and --vae exclude each other; give one" if module else
+                       "scale: needs --module M:ATTR (check a pipeline) or --vae DIR_OR_ID (recommend a VAE's scaling)")
+            raise _fail_usage(UsageError(message), debug)
+        if module is not None:
+            if images is not None or resolution is not None:
+                raise _fail_usage(UsageError("scale: --images and --resolution go with --vae, not --module"), debug)
+            check(module=module, **common)
+            return
+        ignored = [f"--{name.replace('_', '-')}" for name in standalone_only if common.get(name) is not None]
+        if ignored:
+            raise _fail_usage(UsageError(f"scale --vae: {', '.join(ignored)} apply to --module runs only"), debug)
+        _execute_scale_vae(vae, images=images, resolution=resolution, **common)
+
+    own = [
+        inspect.Parameter("module", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+            Optional[str], typer.Option("--module", "-m", help="The pipeline: MODULE:ATTR (the check on it), or "
+                                                               "--vae instead.")]),
+        inspect.Parameter("vae", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+            Optional[str], typer.Option("--vae", help="Standalone: a diffusers VAE folder, or a model id already in "
+                                                      "the local Hugging Face cache; recommends its scaling_factor / "
+                                                      "shift_factor.")]),
+        inspect.Parameter("images", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+            Optional[str], typer.Option("--images", help="With --vae: a folder of PNG/JPEG images (default: sample "
+                                                         "photos that ship with scikit-learn).")]),
+        inspect.Parameter("resolution", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
+            Optional[int], typer.Option("--resolution", help="With --vae: image side in pixels (default: the VAE "
+                                                             "config's sample_size).")]),
+    ]
+    rest = [p.replace(annotation=hints[p.name]) for p in inspect.signature(check).parameters.values()
+            if p.name != "module"]
+    command.__signature__ = inspect.Signature(own + rest)  # type: ignore[attr-defined]
+    return command
+
+
+def _execute_scale_vae(vae: str, *, images: Optional[str], resolution: Optional[int], json_path: Optional[str],
+                       junit: Optional[Path], debug: bool, config: Optional[str], set_: Optional[list[str]],
+                       device: Optional[str], seed: Optional[int], strict: bool, **_: Any) -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    from .config import load_settings
+    from .renderers.console import render
+
+    human = Console(stderr=json_path == "-")
+    try:
+        settings, origins = load_settings({"device": device, "seed": seed, "strict": strict or None, "debug": debug},
+                                          config, set_)
+        from .checks import _scale_standalone  # lazily: diffusers, PIL and scikit-learn only when used
+
+        with human.status(f"scale --vae {vae}: loading and encoding"):
+            report = _scale_standalone.run(vae, images=images, resolution=resolution, settings=settings,
+                                           origins=origins)
+    except UsageError as exc:
+        raise _fail_usage(exc, debug) from None
+    render(report, human)
+    snippet = report.checks[0].details.get("config_snippet") if report.checks else None
+    if snippet and report.checks[0].hint != snippet:  # a non-PASS result already shows it as its fix
+        human.print(Text(snippet), highlight=False, soft_wrap=True)
+    _write_reports(report, json_path, junit)
+    raise typer.Exit(report.exit_code)
+
+
 for _check_id, _target in _builtin_ids():
     app.command(_check_id, help=f"Run only the '{_check_id}' check (`fmcheck explain {_check_id}` says what it "
-                                "measures).")(_command(_check_id))
+                                "measures)." + (" Or, with --vae instead of --module, recommend a VAE's scaling "
+                                                "without a pipeline." if _check_id == "scale" else ""))(
+        _scale_command() if _check_id == "scale" else _command(_check_id))
 
 
 @app.command("list", help="Every registered check, built-in and plugin, with its one-line purpose.")

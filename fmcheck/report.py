@@ -63,6 +63,8 @@ class Report(BaseModel):
     strict: bool = False
     interrupted: bool = False
     checks: list[CheckResult] = Field(default_factory=list)
+    # The latent space the numbers were measured in (VAE, scaling, latent shape, resolution): `fmcheck compare`.
+    fingerprint: Optional[dict[str, Any]] = None
 
     def check(self, check_id: str) -> CheckResult:
         for result in self.checks:

@@ -19,6 +19,7 @@ from .config import Settings, thresholds_for
 from .context import Context
 from .contract import Pipeline
 from .errors import PipelineError, UsageError
+from .fingerprint import compute as compute_fingerprint
 from .isolate import CheckTimeout, capture, describe, full_traceback, short_traceback
 from .registry import Registry, discover
 from .report import CheckResult, Environment, Report, exit_code_for, overall_verdict
@@ -235,6 +236,8 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
                     results.append(CheckResult(id=rest.id, title=rest.title, verdict=Verdict.SKIP,
                                                summary="not run: interrupted"))
                 break
+        # The latent space these numbers were measured in, for `fmcheck compare`; never fails the run.
+        fingerprint = capture(compute_fingerprint, pipeline, ctx, results).value if not interrupted else None
     finally:
         for module, original in moved.values():
             module.to(original)
@@ -243,7 +246,7 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
     code = exit_code_for(results)
     report = Report(fmcheck_version=_version.__version__, verdict=overall_verdict(results), exit_code=int(code),
                     environment=_environment(device, settings.seed), pipeline=pipeline_name, strict=settings.strict,
-                    interrupted=interrupted, checks=results)
+                    interrupted=interrupted, checks=results, fingerprint=fingerprint)
     if rank is not None:
         from .distributed import all_gather, merge
 

@@ -149,3 +149,13 @@ def test_version_and_python_m():
 
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"fmcheck {__version__}"
+
+
+def test_a_single_check_subcommand_takes_the_common_options():
+    from typer.testing import CliRunner
+
+    from fmcheck.cli import app
+
+    result = CliRunner().invoke(app, ["norms", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--module" in result.output and "--only" not in result.output

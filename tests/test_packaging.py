@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -36,8 +37,13 @@ def test_editable_install_maps_checks_into_fmcheck():
 
 
 def test_built_wheel_installs_checks_as_a_subpackage_only(tmp_path):
+    # Build from a copy: building in place would leave build/ and an egg-info in the repository.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "dist",
+                                                                  "__pycache__", "tests", "fixtures", "docs", "bench"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(source)],
         capture_output=True, text=True,
     )
     assert build.returncode == 0, build.stderr

@@ -1,0 +1,331 @@
+"""The `target` check: the path-fit maths on synthetic tensors, then the check end to end on synthetic pipelines."""
+
+from __future__ import annotations
+
+import math
+
+import fm_variants
+import numpy as np
+import pytest
+import torch
+
+from fmcheck.checks import _path_fit as pf
+from fmcheck.checks.target import TargetCheck
+from fmcheck.config import Settings
+from fmcheck.contract import coerce
+from fmcheck.runner import run
+from fmcheck.state import state_digest
+from fmcheck.verdict import Verdict
+
+N, D = 256, 64
+HALF_PI = math.pi / 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the maths
+# ---------------------------------------------------------------------------------------------------------------------
+def _endpoints(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    x1 = 1.3 * torch.randn(N, D, generator=gen, dtype=torch.float64) + 0.2
+    t = torch.rand(N, generator=gen, dtype=torch.float64)
+    return x0, x1, t, gen
+
+
+def _vp(t, beta_min=0.1, beta_max=20.0):
+    """Score-SDE VP schedule, t=0 at the data: x_t = alpha(t) x1 + sigma(t) x0, and the derivatives."""
+    log_alpha = -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
+    alpha = torch.exp(log_alpha)
+    d_alpha = alpha * (-0.5 * t * (beta_max - beta_min) - 0.5 * beta_min)
+    sigma = torch.sqrt(1 - alpha**2)
+    return sigma, alpha, -alpha * d_alpha / sigma, d_alpha
+
+
+PATHS = {
+    "linear": lambda t: (1 - t, t, -torch.ones_like(t), torch.ones_like(t)),
+    "reversed": lambda t: (t, 1 - t, torch.ones_like(t), -torch.ones_like(t)),
+    "cosine": lambda t: ((HALF_PI * t).cos(), (HALF_PI * t).sin(), -HALF_PI * (HALF_PI * t).sin(),
+                         HALF_PI * (HALF_PI * t).cos()),
+    "sigma_min": lambda t: (1 - (1 - 1e-2) * t, t, -(1 - 1e-2) * torch.ones_like(t), torch.ones_like(t)),
+    "vp_linear_alpha_bar": lambda t: (t.sqrt(), (1 - t).sqrt(), 0.5 / t.sqrt(), -0.5 / (1 - t).sqrt()),
+    "vp_beta_schedule": _vp,
+}
+
+
+def _audit(x0, x1, xt, v, t):
+    """The check's path pipeline on plain tensors: returns (sample fit, schedule fit, per-sample cos, ratio)."""
+    samples = pf.fit_samples(x0, x1, xt)
+    fit = pf.fit_schedule(t.numpy(), samples.a.numpy(), samples.b.numpy())
+    assert fit.ok, fit.reason
+    da, db = fit.derivatives(t.numpy())
+    expected = pf.expected_velocity(x0, x1, torch.from_numpy(da), torch.from_numpy(db))
+    cos, ratio = pf.cosine_and_ratio(v, expected)
+    return samples, fit, cos, ratio
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_the_true_velocity_of_every_affine_path_is_recognised(name):
+    x0, x1, t, _ = _endpoints()
+    a, b, da, db = PATHS[name](t)
+    xt = a[:, None] * x0 + b[:, None] * x1
+    v = da[:, None] * x0 + db[:, None] * x1
+    samples, fit, cos, ratio = _audit(x0, x1, xt, v, t)
+    assert samples.relative_residual() < 1e-10
+    assert torch.allclose(samples.a, a) and torch.allclose(samples.b, b)
+    assert cos.median() > 0.99999 and abs(ratio.median() - 1) < 1e-3
+    if name != "vp_beta_schedule":  # smooth (in t or sqrt(t)): every sample, not only the median
+        assert cos.min() > 0.9999 and (ratio - 1).abs().max() < 1e-3, (cos.min(), ratio.min(), ratio.max())
+    else:  # sigma ~ sqrt(0.1 t + 10 t^2): a bend at t ~ 0.01 that a polynomial resolves only roughly
+        assert (cos < 0.99).double().mean() < 0.02
+    direction = pf.describe_direction(fit)
+    at_data = name in ("linear", "cosine", "sigma_min")
+    assert direction == ("t=1 at the data (x1)" if at_data else "t=1 at the source (x0)")
+
+
+def test_the_fit_chooses_the_simplest_model_that_the_data_support():
+    x0, x1, t, _ = _endpoints()
+    for name, degree, coordinate in (("linear", 1, "t"), ("vp_linear_alpha_bar", 1, None)):
+        a, b, _, _ = PATHS[name](t)
+        fit = pf.fit_schedule(t.numpy(), a.numpy(), b.numpy())
+        assert fit.a.degree == degree and fit.b.degree == degree
+        if coordinate:
+            assert fit.a.coordinate == fit.b.coordinate == coordinate
+    a, b, _, _ = PATHS["vp_linear_alpha_bar"](t)
+    fit = pf.fit_schedule(t.numpy(), a.numpy(), b.numpy())
+    assert (fit.a.coordinate, fit.b.coordinate) == ("sqrt(t)", "sqrt(1-t)")  # each singular at its own end
+    a, b, _, _ = PATHS["cosine"](t)
+    fit = pf.fit_schedule(t.numpy(), a.numpy(), b.numpy())
+    assert 3 <= fit.a.degree <= pf.MAX_DEGREE
+
+
+def test_wrong_targets_are_told_apart():
+    x0, x1, t, gen = _endpoints()
+    eps = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    a, b, da, db = PATHS["linear"](t)
+    xt = a[:, None] * x0 + b[:, None] * x1
+    velocity = da[:, None] * x0 + db[:, None] * x1
+    expected = pf.expected_velocity(x0, x1, da, db)
+    candidates = pf.candidate_targets(x0, x1, xt, expected, eps, a)
+    cases = {"minus the path velocity (flipped sign)": -velocity, "eps (the reparam noise)": eps, "x0": x0,
+             "x1": x1, "score-like -x0/a(t)": -x0 / a[:, None]}
+    for name, v in cases.items():
+        best = pf.resemblances(v, candidates)[0]
+        tied = [r.name for r in pf.resemblances(v, candidates) if r.cos > best.cos - 1e-9]
+        assert name in tied, (name, tied)
+        assert best.cos > 0.9999
+    scaled = pf.resemblances(0.5 * velocity, candidates)
+    assert scaled[0].name == "the path velocity" and abs(scaled[0].ratio - 0.5) < 1e-9
+
+
+@pytest.mark.parametrize("noise", [0.01, 0.1, 0.3])
+def test_a_noisy_path_shows_in_the_residual_and_still_gives_the_velocity(noise):
+    x0, x1, t, gen = _endpoints()
+    a, b, da, db = PATHS["linear"](t)
+    clean = a[:, None] * x0 + b[:, None] * x1
+    xt = clean + noise * torch.randn(N, D, generator=gen, dtype=torch.float64)
+    v = da[:, None] * x0 + db[:, None] * x1
+    samples, fit, cos, ratio = _audit(x0, x1, xt, v, t)
+    # the residual is the share of x_t outside span(x0, x1): about noise * sqrt(D - 2) / ||x_t||
+    predicted = noise * math.sqrt(D - 2) / clean.norm(dim=1).pow(2).mean().sqrt().item()
+    assert 0.8 * predicted < samples.relative_residual() < 1.2 * predicted
+    assert cos.median() > 0.999 and abs(ratio.median() - 1) < 0.02
+    assert fit.residual < 0.1
+
+
+def test_x_t_built_with_another_t_shows_in_the_schedule_residual():
+    x0, x1, t, gen = _endpoints()
+    a, b, _, _ = PATHS["linear"](t)
+    xt = a[:, None] * x0 + b[:, None] * x1
+    returned_t = t[torch.randperm(N, generator=gen)]
+    samples = pf.fit_samples(x0, x1, xt)
+    fit = pf.fit_schedule(returned_t.numpy(), samples.a.numpy(), samples.b.numpy())
+    assert samples.relative_residual() < 1e-10  # x_t is still on the span ...
+    assert fit.residual > 0.3  # ... but its mix does not follow the returned t
+
+
+@pytest.mark.parametrize("values", [[0.5], [0.3, 0.7], [0.5, 0.5 + 1e-9, 0.5 - 1e-9], [0.5, 0.505, 0.51]])
+def test_degenerate_t_is_refused_with_a_reason(values):
+    x0, x1, _, _ = _endpoints()
+    t = torch.tensor(values, dtype=torch.float64).repeat(N // len(values) + 1)[:N]
+    a, b, _, _ = PATHS["linear"](t)
+    samples = pf.fit_samples(x0, x1, a[:, None] * x0 + b[:, None] * x1)
+    fit = pf.fit_schedule(t.numpy(), samples.a.numpy(), samples.b.numpy())
+    assert not fit.ok
+    assert "distinct value" in fit.reason
+    assert not pf.spread_ok(t.numpy())
+
+
+def test_repeated_t_values_cannot_fake_the_cross_validation():
+    """One t per batch: 4 distinct values among 256 samples allow at most degree 2, whatever the sample count."""
+    x0, x1, _, _ = _endpoints()
+    t = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64).repeat_interleave(N // 4)
+    a, b, da, db = PATHS["linear"](t)
+    samples, fit, cos, _ = _audit(x0, x1, a[:, None] * x0 + b[:, None] * x1, da[:, None] * x0 + db[:, None] * x1, t)
+    assert fit.distinct_t == 4 and fit.a.degree <= 2
+    assert cos.min() > 0.9999
+
+
+def test_collinear_endpoints_are_not_usable():
+    x0, _, t, _ = _endpoints()
+    samples = pf.fit_samples(x0, 2 * x0, 0.5 * x0)
+    assert not samples.usable.any()
+
+
+def test_time_in_timestep_units_and_time_shapes():
+    t, scale = pf.normalise_time(np.array([0.0, 500.0, 999.0]))
+    assert scale == 1000.0 and t.max() == pytest.approx(0.999)
+    t, scale = pf.normalise_time(np.array([1.0, 1000.0]))
+    assert scale == 1000.0 and t.max() == pytest.approx(1.0)
+    t, scale = pf.normalise_time(np.array([0.0, 1.0]))
+    assert scale is None
+    assert pf.per_sample_t(torch.tensor(0.3), 4).tolist() == pytest.approx([0.3] * 4)
+    assert pf.per_sample_t(torch.arange(4.0).view(4, 1, 1, 1), 4).tolist() == [0, 1, 2, 3]
+    assert pf.per_sample_t(torch.arange(4.0).view(4, 1).expand(4, 3), 4).tolist() == [0, 1, 2, 3]
+    assert pf.per_sample_t(torch.rand(4, 3), 4) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the check, end to end
+# ---------------------------------------------------------------------------------------------------------------------
+def _run(settings: Settings | None = None, **options):
+    pipeline = coerce(fm_variants.build(**options))
+    return run(pipeline, settings or Settings(), only=["target"]).check("target")
+
+
+def _measurement(result, name):
+    return next(m for m in result.measurements if m.name == name)
+
+
+@pytest.mark.parametrize("path", ["linear", "reversed", "cosine"])
+def test_correct_pipelines_pass_in_every_convention(path):
+    result = _run(path=path)
+    assert result.verdict is Verdict.PASS, result.summary
+    assert _measurement(result, "median cos(v_target, path velocity)").value > 0.9999
+    assert abs(_measurement(result, "median ||v_target|| / ||path velocity||").value - 1) < 1e-3
+    direction = "t=1 at the source (x0)" if path == "reversed" else "t=1 at the data (x1)"
+    assert direction in result.summary
+
+
+def test_a_pure_noise_source_without_head_or_kl_passes_and_says_what_it_did_not_audit():
+    result = _run(head=False)
+    assert result.verdict is Verdict.PASS, result.summary
+    assert "no kl output: KL path not audited" in result.summary
+    assert _measurement(result, "kl gradient path").value == "no kl output: KL path not audited"
+
+
+@pytest.mark.parametrize("target, verdict, words", [
+    ("flipped", Verdict.FAIL, ["flipped sign", "x0 - x1", "cos -1.000"]),
+    ("eps", Verdict.FAIL, ["eps (the reparam noise)"]),
+    ("x0", Verdict.FAIL, ["it is x0 "]),
+    ("x1", Verdict.FAIL, ["it is x1 "]),
+    ("half", Verdict.FAIL, ["0.5x the path velocity"]),
+    ("double", Verdict.FAIL, ["2x the path velocity"]),
+])
+def test_wrong_targets_fail_and_are_named(target, verdict, words):
+    result = _run(target=target)
+    assert result.verdict is verdict, result.summary
+    for word in words:
+        assert word in result.summary, result.summary
+    assert result.hint
+
+
+def test_a_flipped_target_in_the_reversed_convention_is_x1_minus_x0():
+    result = _run(path="reversed", target="flipped")
+    assert result.verdict is Verdict.FAIL
+    assert "flipped sign (it is x1 - x0)" in result.summary
+
+
+def test_eps_target_with_a_noise_source_is_called_an_eps_target():
+    result = _run(head=False, target="eps")
+    assert result.verdict is Verdict.FAIL
+    assert "the source noise: an eps target" in result.summary
+
+
+def test_a_moving_target_fails_naming_the_parameters_it_reaches():
+    result = _run(detach=False)
+    assert result.verdict is Verdict.FAIL
+    assert "moving target" in result.summary and "head.net.0.weight" in result.summary
+    assert _measurement(result, "trainable parameters v_target reaches").value == 4
+    assert _measurement(result, "fm_loss gradient through v_target").verdict is Verdict.FAIL
+
+
+def test_a_closed_reparameterisation_path_warns():
+    result = _run(z0_detached=True)
+    assert result.verdict is Verdict.WARN, result.summary
+    assert "reparameterisation path is closed" in result.summary
+    assert _measurement(result, "fm_loss reaches the head through x_t").value == 0
+    assert _measurement(result, "kl reaches the head").verdict is Verdict.PASS
+
+
+def test_a_frozen_module_receiving_gradient_fails():
+    result = _run(vae_grad=True)
+    assert result.verdict is Verdict.FAIL
+    assert "frozen module(s) vae receive gradient" in result.summary
+    assert result.details["path"]["fit"]["ok"]  # the path audit itself is unaffected
+
+
+def test_x_t_with_extra_noise_fails_on_the_span_residual():
+    result = _run(xt_noise=0.1)
+    assert result.verdict is Verdict.FAIL
+    assert _measurement(result, "x_t off span(x0, x1)").value > 0.05
+    assert "outside span(x0, x1)" in result.summary
+
+
+def test_x_t_built_with_another_t_fails_on_the_schedule_residual():
+    result = _run(t_mode="shuffled")
+    assert result.verdict is Verdict.FAIL
+    assert "x_t does not follow t" in result.summary
+
+
+def test_x_t_computed_in_half_precision_warns():
+    result = _run(xt_half=True)
+    assert result.verdict is Verdict.WARN, result.summary
+    assert "exact float16 numbers" in result.summary
+
+
+def test_timestep_units_are_normalised_with_a_warning_and_then_judged():
+    result = _run(t_units=1000.0)
+    assert result.verdict is Verdict.WARN
+    assert "timestep units" in result.summary and "1000" in result.summary
+    assert _measurement(result, "median cos(v_target, path velocity)").verdict is Verdict.PASS
+    assert _measurement(result, "median ||v_target|| / ||path velocity||").verdict is Verdict.PASS
+    assert _run(t_units=1000.0, target="flipped").verdict is Verdict.FAIL
+
+
+def test_one_t_per_batch_draws_more_batches():
+    result = _run(t_mode="per_batch", t_shape="broadcast")
+    assert result.verdict is Verdict.PASS, result.summary
+    assert result.details["path"]["extra_batches"] == 4  # 8 batches available, 4 measured by default
+
+
+def test_too_little_spread_in_t_warns_and_says_so():
+    result = _run(t_mode="constant")
+    assert result.verdict is Verdict.WARN
+    assert "path velocity not fitted" in result.summary and "after drawing 4 more batch(es)" in result.summary
+    result = _run(t_mode="two_values")
+    assert result.verdict is Verdict.WARN and "2 distinct value(s)" in result.summary
+
+
+def test_thresholds_are_configurable():
+    settings = Settings(thresholds={"target": {"norm_ratio_warn": 2.5, "norm_ratio_fail": 3.0}})
+    assert _run(settings, target="double").verdict is Verdict.PASS
+
+
+def test_skips_naming_the_missing_output():
+    result = _run(outputs_without=("v_target",))
+    assert result.verdict is Verdict.SKIP
+    assert "'v_target'" in result.summary
+
+
+def test_the_users_state_is_unchanged(tiny_pipeline):
+    before = state_digest(tiny_pipeline)
+    assert run(tiny_pipeline, Settings(), only=["target"]).check("target").verdict is Verdict.PASS
+    assert state_digest(tiny_pipeline) == before
+
+
+def test_the_doc_renders_every_threshold():
+    from fmcheck.docs import check_markdown
+
+    text = check_markdown(TargetCheck)
+    for name in TargetCheck.Thresholds.model_fields:
+        assert f"`{name}`" in text
