@@ -4,6 +4,8 @@ VENV ?= .venv
 # torch goes in first, pinned, unless the environment already has one: an open range would pull a multi-GB build.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# The bundled pipelines are tiny: on a small shared CPU one thread per process beats torch's default by far.
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup demo test bench docs clean
 

@@ -33,7 +33,7 @@ def test_registry():
 
     registry = Registry()
     for cls in (plugins.Ratio, plugins.Raises, plugins.Hangs, plugins.Mutates, plugins.Interrupts, plugins.NeedsVae,
-                plugins.SkipsItself, plugins.WarnAlways):
+                plugins.SkipsItself, plugins.WarnAlways, plugins.OutOfMemory):
         registry.add(cls, name=cls.id, target=f"fmcheck_testplugins:{cls.__name__}", distribution="fmcheck-testplugins")
     return registry
 

@@ -13,6 +13,7 @@ from fmcheck.config import Settings
 from fmcheck.contract import load_pipeline
 from fmcheck.registry import discover as discover_checks
 from fmcheck.runner import run
+from fmcheck.state import state_digest
 from fmcheck.verdict import Verdict
 
 FIXTURES = discover()
@@ -22,7 +23,10 @@ BUILTIN = sorted(discover_checks().checks)
 @pytest.mark.parametrize("fixture", FIXTURES, ids=[f.name for f in FIXTURES])
 def test_fixture_verdicts(fixture):
     only = None if fixture.correct else sorted(fixture.expect)
-    report = run(load_pipeline(fixture.spec), Settings(), only=only, pipeline_name=fixture.spec)
+    pipeline = load_pipeline(fixture.spec)
+    before = state_digest(pipeline)
+    report = run(pipeline, Settings(), only=only, pipeline_name=fixture.spec)
+    assert state_digest(pipeline) == before, f"{fixture.name}: the user's state was not restored bit for bit"
     got = {c.id: c.verdict.value for c in report.checks}
     summaries = {c.id: c.summary for c in report.checks}
     for check_id, expected in fixture.expect.items():
@@ -46,3 +50,20 @@ def test_every_bug_fixture_declares_what_must_fire():
     for fixture in FIXTURES:
         if not fixture.correct:
             assert any(v in ("fail", "warn") for v in fixture.expect.values()), fixture.name
+
+
+def test_same_seed_same_json_on_the_reference_pipeline():
+    """Two runs with the same seed give identical reports, durations and wall-clock measurements aside."""
+    def strip(report):
+        checks = []
+        for check in report.checks:
+            data = check.model_dump(exclude={"duration_s"})
+            data["measurements"] = [m for m in data["measurements"] if m["unit"] != "s"]
+            data["summary"] = None if check.id == "overfit" else data["summary"]  # quotes its seconds
+            checks.append(data)
+        return checks
+
+    first = run(load_pipeline("fixtures.digits:build"), Settings(seed=7))
+    second = run(load_pipeline("fixtures.digits:build"), Settings(seed=7))
+    assert strip(first) == strip(second)
+    assert first.fingerprint == second.fingerprint

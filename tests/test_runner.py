@@ -160,3 +160,22 @@ def test_same_seed_same_report(tiny_pipeline, test_registry):
     second = run(tiny_pipeline, registry=test_registry, only=["t_ratio", "t_warn"])
     strip = lambda r: [c.model_dump(exclude={"duration_s"}) for c in r.checks]  # noqa: E731
     assert strip(first) == strip(second)
+
+
+def test_out_of_memory_is_an_error_row_with_a_hint_and_the_others_still_report(tiny_pipeline, test_registry):
+    before = state_digest(tiny_pipeline)
+    report = run(tiny_pipeline, registry=test_registry, only=["t_oom", "t_ratio"])
+    oom = report.check("t_oom")
+    assert oom.verdict is Verdict.ERROR and "out of accelerator memory" in oom.summary
+    assert "batch size" in oom.hint
+    assert report.check("t_ratio").verdict is Verdict.PASS
+    assert state_digest(tiny_pipeline) == before
+
+
+def test_fmcheck_never_unpickles_without_weights_only():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = [str(p) for folder in ("fmcheck", "checks") for p in (root / folder).rglob("*.py")
+                 if "torch.load(" in p.read_text() and "weights_only=True" not in p.read_text()]
+    assert not offenders

@@ -130,3 +130,18 @@ class WarnAlways(Check):
 
     def judge(self, value, th):
         return Judgement([judges.at_most("value", value, warn=1.0, fail=10.0)], "warned", hint="lower it")
+
+
+class OutOfMemory(Check):
+    """Simulates a CUDA out-of-memory error in the middle of a check."""
+
+    id, title, purpose, doc = "t_oom", "out of memory (test)", "test-only check that runs out of memory", DOC
+    order = 9
+
+    def measure(self, ctx):
+        import torch
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def judge(self, obs, th):  # pragma: no cover
+        return Judgement([], "unreachable")
