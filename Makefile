@@ -25,7 +25,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/scale_overhead.py
+	$(BIN)/python bench/overfit_overhead.py --pipeline digits
+	$(BIN)/python bench/whole_run.py
 
 docs: setup
 	$(BIN)/python scripts/gen_docs.py
