@@ -103,3 +103,22 @@ def test_init_writes_a_template_and_refuses_to_overwrite(tmp_path):
     second = runner.invoke(app, ["init", str(adapter)])
     assert second.exit_code == 2 and "already exists" in second.output
     assert adapter.read_text() == "# the user's own edits\n"
+
+
+def test_the_documented_ci_command_runs_as_documented(tmp_path):
+    """docs/ci.md's gate command, run verbatim on the bundled pipeline: exit 0, JSON and JUnit written."""
+    import os
+    import shlex
+
+    text = (ROOT / "docs" / "ci.md").read_text()
+    block = text.split("<!-- ci-command -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
+    args = shlex.split(block)
+    assert args[0] == "fmcheck"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "fmcheck", *args[1:]], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert json.loads((tmp_path / "fmcheck.json").read_text())["verdict"] in ("pass", "warn")
+    import xml.etree.ElementTree as ET
+
+    assert ET.parse(tmp_path / "fmcheck-junit.xml").getroot().get("failures") == "0"
