@@ -51,9 +51,10 @@ class StateSnapshot:
         import torch
 
         self.pipeline = pipeline
-        self.tensors = [(t, t.detach().to("cpu", copy=True)) for _, t in _unique_tensors(pipeline)]
+        tensors = [t for _, t in _unique_tensors(pipeline)]  # one walk over the modules serves all three lists
+        self.tensors = [(t, t.detach().to("cpu", copy=True)) for t in tensors]
         self.grads = [(p, None if p.grad is None else p.grad.detach().to("cpu", copy=True))
-                      for _, p in _unique_tensors(pipeline) if isinstance(p, torch.nn.Parameter)]
+                      for p in tensors if isinstance(p, torch.nn.Parameter)]
         self.flags = [(p, p.requires_grad) for p, _ in self.grads]
         self.modes = [(m, m.training) for module in _modules(pipeline).values() for m in module.modules()]
         self.optimizer = _offload(pipeline.optimizer.state_dict()) if pipeline.optimizer is not None else None
