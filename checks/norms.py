@@ -112,7 +112,7 @@ class NormsCheck(Check):
         outputs = [ctx.outputs(i) for i in range(count)]
         norms: dict[str, list] = {k: [] for k in NORM_KEYS}
         dims: dict[str, int] = {}
-        x1_parts = []
+        latents: dict[str, list] = {"x0": [], "x1": []}  # the tensors themselves, for histograms
         mu_sq, sigma_sq, moments_n = [], [], 0
         for out in outputs:
             for key in NORM_KEYS:
@@ -120,9 +120,9 @@ class NormsCheck(Check):
                     tensor = out[key]
                     norms[key].append(_per_sample_norms(tensor))
                     dims[key] = int(tensor[0].numel())
-            x1 = out["x1"]
-            if isinstance(x1, torch.Tensor) and x1.dim() >= 4:  # (B, C, H, W) or (B, C, T, H, W); a 3-d (B, L, C) or (B, C, L) is ambiguous
-                x1_parts.append(_float64(x1).transpose(0, 1).reshape(x1.shape[1], -1))
+            for key in latents:
+                if isinstance(out[key], torch.Tensor) and out[key].dim() >= 1:
+                    latents[key].append(_float64(out[key]))
             if isinstance(out.get("mu"), torch.Tensor) and isinstance(out.get("logvar"), torch.Tensor):
                 mu, logvar = _float64(out["mu"]), _float64(out["logvar"])
                 mu_sq.append(mu.pow(2).mean())
@@ -136,10 +136,8 @@ class NormsCheck(Check):
             if parts:
                 values = torch.cat(parts)
                 stats[key] = torch.stack([values.mean(), values.pow(2).mean()])
-        channel = None
-        if x1_parts:
-            per_channel = torch.cat(x1_parts, dim=1)
-            channel = torch.stack([per_channel.std(dim=1), per_channel.mean(dim=1)])
+        channels = {key: _channel_stats(parts) for key, parts in latents.items()}
+        channel = channels["x1"]
         extra = torch.stack([torch.stack(mu_sq).mean(), torch.stack(sigma_sq).mean()]) if moments_n else None
         # a few small host transfers, after all the device work
         host = {k: v.cpu().tolist() for k, v in stats.items()}
@@ -155,6 +153,7 @@ class NormsCheck(Check):
             "mu_rms": None,
             "sigma_rms": None,
             "scaling_factor": _scaling_factor(ctx.pipeline.vae),
+            "distributions": _distributions(latents, {k: torch.cat(norms[k]) for k in latents}, channels),
         }
         if extra is not None:
             mu_ms, sigma_ms = extra.cpu().tolist()
@@ -188,8 +187,11 @@ class NormsCheck(Check):
                 measurements.append(flag("x1 channel std spread (max/min)", spread <= th.channel_spread_warn,
                                          value=spread, unit="x", expected=f"<= {th.channel_spread_warn:g}",
                                          bad=Verdict.WARN))
+        # the data of the latents figure (`--plot`): histograms on shared bins and per-channel statistics
+        latents = {**obs["distributions"], "mean_norm": {"x0": n0, "x1": n1}, "ratio": ratio}
         judgement = Judgement(measurements=measurements, summary="", details={"samples": obs["samples"],
-                                                                               "batches": obs["batches"]})
+                                                                               "batches": obs["batches"],
+                                                                               "latents": latents})
         verdict = judgement.final_verdict()
         head = f"E||x1|| / E||x0|| = {ratio:.3g} (E||x0|| {n0:.4g}, E||x1|| {n1:.4g}, {obs['samples']} samples)"
         if verdict is Verdict.PASS:
@@ -208,6 +210,65 @@ class NormsCheck(Check):
                               "its config: z1 = (z - mean) / std * scaling_factor), or check `fmcheck scale`; do not "
                               "rescale channels by hand-tuned factors.")
         return judgement
+
+
+def _channel_stats(parts: list) -> Any:
+    """(2, C): per-channel std and mean over batch and positions, for image- or video-shaped latents; else None.
+
+    Dimension 1 is the channel of a (B, C, H, W) or (B, C, T, H, W) latent; a 3-d (B, L, C) or (B, C, L) is
+    ambiguous, so it gets none.
+    """
+    import torch
+
+    if not parts or parts[0].dim() < 4:
+        return None
+    per_channel = torch.cat([p.transpose(0, 1).reshape(p.shape[1], -1) for p in parts], dim=1)
+    return torch.stack([per_channel.std(dim=1), per_channel.mean(dim=1)])
+
+
+HISTOGRAM_BINS = 80
+QUANTILE_SAMPLE = 200_000  # torch.quantile refuses very large inputs; a fixed-stride subsample is plenty for a range
+
+
+def _distributions(values: dict[str, list], norms: dict[str, Any], channels: dict[str, Any]) -> dict[str, Any]:
+    """Histograms of z0 and z1 on shared bins, and their per-channel statistics: the data of the latents figure.
+
+    Element values share linear bins over the central 99.8% of both (so the narrower one shows as a spike inside
+    the wider one); per-sample norms share log-spaced bins (they can differ by orders of magnitude).
+    """
+    import torch
+
+    flat = {k: torch.cat([p.reshape(-1) for p in parts]) for k, parts in values.items() if parts}
+    flat = {k: v[torch.isfinite(v)] for k, v in flat.items()}
+    flat = {k: v for k, v in flat.items() if v.numel()}
+    out: dict[str, Any] = {"values": None, "norms": None, "channels": {}}
+    if flat:
+        ends = []
+        for v in flat.values():
+            sample = v[:: max(1, v.numel() // QUANTILE_SAMPLE)]
+            ends.append(torch.quantile(sample, torch.tensor([0.001, 0.999], dtype=sample.dtype,
+                                                            device=sample.device)))
+        low = min(float(e[0]) for e in ends)
+        high = max(float(e[1]) for e in ends)
+        if high <= low:
+            low, high = low - 0.5, high + 0.5
+        out["values"] = {"edges": torch.linspace(low, high, HISTOGRAM_BINS + 1).tolist(),
+                         "counts": {k: torch.histc(v, HISTOGRAM_BINS, low, high).cpu().tolist()
+                                    for k, v in flat.items()},
+                         "outside": {k: float(((v < low) | (v > high)).double().mean()) for k, v in flat.items()}}
+    positive = {k: v[torch.isfinite(v) & (v > 0)] for k, v in norms.items()}
+    positive = {k: v for k, v in positive.items() if v.numel()}
+    if positive:
+        low = min(float(v.min()) for v in positive.values()) * 0.9
+        high = max(float(v.max()) for v in positive.values()) * 1.1
+        edges = torch.logspace(math.log10(low), math.log10(high), 41, dtype=torch.float64)
+        out["norms"] = {"edges": edges.tolist(),
+                        "counts": {k: torch.histogram(v.cpu(), bins=edges).hist.tolist() for k, v in positive.items()}}
+    for key, stats in channels.items():
+        if stats is not None:
+            std, mean = stats.cpu().tolist()
+            out["channels"][key] = {"std": std, "mean": mean}
+    return out
 
 
 def _scaling_factor(vae: Any) -> Optional[float]:

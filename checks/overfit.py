@@ -367,8 +367,6 @@ class OverfitCheck(Check):
             "params_missing_from_optimizer": missing,
             "params_trainable": totals,
         }
-        if settings.plot_dir:
-            observation["plot"] = _plot(observation, settings.plot_dir, self.id, thresholds)
         return observation
 
     # ---------------------------------------------------------------------------------------------------- judge
@@ -398,7 +396,7 @@ class OverfitCheck(Check):
 
         if outcome == om.STOPPED:
             return Judgement(measurements, "stopped before training, with the other ranks: one of them had a "
-                             "non-finite step output", verdict=Verdict.WARN, details=_details(obs))
+                             "non-finite step output", verdict=Verdict.WARN, details=_details(obs, thresholds))
         if outcome == om.NONFINITE:
             keys = decision.get("keys") or []
             key = keys[0].removeprefix("max:") if keys else "?"
@@ -416,7 +414,7 @@ class OverfitCheck(Check):
             if initial is not None and not math.isnan(initial["fm"]):
                 measurements.append(info("fm_loss initial", initial["fm"]))
             return Judgement(measurements, summary, hint=hint, verdict=Verdict.FAIL,
-                             details=_details(obs))
+                             details=_details(obs, thresholds))
 
         assert initial is not None and final is not None
         fm_fall = 1.0 - final["rel"] / initial["rel"] if initial["rel"] > 0 else float("nan")
@@ -479,13 +477,13 @@ class OverfitCheck(Check):
         if outcome == om.PASSED and not drifted:
             summary = (f"overfits {samples} samples in {steps_text}: {fm_text}, {cos_text}"
                        + (f", {ratio_text}" if ratio_text else ""))
-            return Judgement(measurements, summary, verdict=Verdict.PASS, details=_details(obs))
+            return Judgement(measurements, summary, verdict=Verdict.PASS, details=_details(obs, thresholds))
         if outcome == om.PASSED:
             summary = (f"overfits {samples} samples in {steps_text} ({fm_text}, {cos_text}), but the scale moved "
                        f"{final['drift']:.3g}x on the way: {ratio_text}")
             hint = ("the KL held the head's scale only loosely: watch ||x0||/||x1|| in training; if it keeps growing, "
                     "raise the KL weight or bound the head's output scale")
-            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=_details(obs))
+            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=_details(obs, thresholds))
         if outcome == om.SCALE_DRIFT:
             weight = f"{obs['kl_weight']:.3g}" if obs["kl_weight"] is not None else "not exposed"
             summary = (f"scale drift: ||x0||/||x1|| went {initial['ratio']:.3g} -> {final['ratio']:.3g} "
@@ -496,25 +494,25 @@ class OverfitCheck(Check):
                     f"{weight} at step_index {obs['start_step']}), bound the head's output scale (smaller init of "
                     "its last layer, a lower head learning rate, a logvar clamp); fix the scale itself, do not add "
                     "a ratio correction r = ||z1||/||z0||")
-            return Judgement(measurements, summary, hint=hint, verdict=Verdict.FAIL, details=_details(obs))
+            return Judgement(measurements, summary, hint=hint, verdict=Verdict.FAIL, details=_details(obs, thresholds))
         if outcome == om.DIVERGED:
             summary = f"diverged: {fm_text} by step {at}{because}"
             hint = ("lower the learning rate or clip gradients; check that fm_loss and the weighted KL have the same "
                     "normalisation (mean vs sum)")
-            return Judgement(measurements, summary, hint=hint, verdict=Verdict.FAIL, details=_details(obs))
+            return Judgement(measurements, summary, hint=hint, verdict=Verdict.FAIL, details=_details(obs, thresholds))
         if outcome == om.SCALE_MOVING:
             summary = (f"overfits ({fm_text}, {cos_text}) but the scale had not settled by the end of the budget: "
                        f"{ratio_text} in {steps_text}")
             hint = ("watch ||x0||/||x1|| in training; if it keeps growing, raise the KL weight or bound the head's "
                     "output scale")
-            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=_details(obs))
+            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=_details(obs, thresholds))
         needs = f"needs a relative fall of {thresholds.loss_drop:.0%} and cos >= {thresholds.cos_pass:g}"
         if outcome == om.OUT_OF_TIME:
             summary = (f"no verdict: the time budget ({obs['time_budget']:g} s) ended the run after {steps_text}, "
                        f"undecided: {fm_text}, {cos_text} ({needs}){because}")
             hint = ("raise --time-budget (or run on a faster device) to let the overfit reach a verdict; "
                     f"{obs['steps_run']} steps took {obs['seconds_run']:.1f} s")
-            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=_details(obs))
+            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=_details(obs, thresholds))
         if outcome == om.STALLED:
             summary = (f"will not overfit within {obs['budget_steps']} steps: after {steps_text} {fm_text}, "
                        f"{cos_text} ({needs}); even optimistic trends reach only a "
@@ -522,7 +520,7 @@ class OverfitCheck(Check):
         else:
             summary = f"did not overfit in {steps_text}: {fm_text}, {cos_text} ({needs}){because}"
         return Judgement(measurements, summary, hint=learn_hint, verdict=Verdict.FAIL,
-                         details=_details(obs))
+                         details=_details(obs, thresholds))
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -607,8 +605,9 @@ def _point_dict(point, initial) -> dict[str, Any]:
             "vnorm": point.vnorm}
 
 
-def _details(obs: dict[str, Any]) -> dict[str, Any]:
-    """Curves at step 0 (before any update; the gradient norm of the first pass) and at every checkpoint."""
+def _details(obs: dict[str, Any], thresholds: OverfitThresholds) -> dict[str, Any]:
+    """Curves at step 0 (before any update; the gradient norm of the first pass) and at every checkpoint, with the
+    thresholds that apply to them and how to group them into panels (the overfit figure of `--plot`)."""
     points = obs["points"]
     if obs["initial"] is not None:
         points = [{**obs["initial"], "grad": obs["grad_initial"], "step": 0}, *points]
@@ -619,58 +618,21 @@ def _details(obs: dict[str, Any]) -> dict[str, Any]:
         curves["scale_ratio"] = [p["ratio"] for p in points]
     if obs["has_kl"]:
         curves["kl"] = [p["kl"] for p in points]
-    details: dict[str, Any] = {"curves": curves, "outcome": obs["decision"]["outcome"],
-                               "steps_run": obs["steps_run"], "seconds_run": obs["seconds_run"],
-                               "cpu_seconds_run": obs["cpu_seconds_run"],
-                               "window": obs["window"]}
-    if "plot" in obs:
-        details["plot"] = obs["plot"]
-    return details
-
-
-def _plot(obs: dict[str, Any], directory: str, check_id: str, thresholds: OverfitThresholds) -> str:
-    """Write the curves as a PNG; returns its path, or a note when matplotlib is not installed."""
-    import importlib.util
-    from pathlib import Path
-
-    if importlib.util.find_spec("matplotlib") is None:
-        return "not written: matplotlib is not installed (pip install 'fmcheck[plot]')"
-    # The object API, not pyplot: no global backend or figure state is touched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    curves = _details(obs)["curves"]
     initial = obs["initial"] or {}
-    guides = {  # the thresholds, drawn where they apply
-        "fm_relative": [((1 - thresholds.loss_drop) * initial["rel"], "pass")] if "rel" in initial else [],
-        "cos": [(thresholds.cos_pass, "pass")],
-        "scale_ratio": [(max(initial["ratio"], 1.0) * thresholds.scale_fail, "fail"),
-                        (min(initial["ratio"], 1.0) / thresholds.scale_fail, "fail")] if initial.get("ratio") else [],
-    }
-    panels = [(("fm_loss", "fm_relative"), "fm_loss, and / mean(v_target^2)", True),
-              (("cos",), "cos(v_pred, v_target)", False), (("scale_ratio",), "||x0|| / ||x1||", True),
-              (("grad_norm",), "grad norm", True)]
-    panels = [p for p in panels if p[0][0] in curves]
-    figure = Figure(figsize=(4 * len(panels), 3.4))
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(panels), squeeze=False)
-    for axis, (keys, label, log) in zip(axes[0], panels):
-        for key in keys:
-            axis.plot(curves["step"], curves[key], marker=".", label=key)
-            for value, kind in guides.get(key, []):
-                axis.axhline(value, linestyle="--", linewidth=1, color="green" if kind == "pass" else "red")
-        values = [v for key in keys for v in curves[key]]
-        if log and values and all(v is not None and v > 0 for v in values):
-            axis.set_yscale("log")
-        if len(keys) > 1:
-            axis.legend(fontsize=7)
-        axis.set_title(label)
-        axis.set_xlabel("overfit step")
-        axis.grid(True, alpha=0.3)
-    figure.suptitle(f"overfit: {obs['decision']['outcome']} at step {obs['decision']['step']}")
-    figure.tight_layout()
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    target = path / f"{check_id}.png"
-    figure.savefig(target, dpi=100)
-    return str(target)
+    guides: dict[str, list] = {"cos": [[thresholds.cos_pass, "pass"]]}
+    if initial.get("rel"):
+        guides["fm_relative"] = [[(1 - thresholds.loss_drop) * initial["rel"], "pass"]]
+    if initial.get("ratio"):
+        guides["scale_ratio"] = [[max(initial["ratio"], 1.0) * thresholds.scale_fail, "fail"],
+                                 [min(initial["ratio"], 1.0) / thresholds.scale_fail, "fail"]]
+    panels = [{"keys": ["fm_loss", "fm_relative"], "title": "fm_loss, and / mean(v_target^2)", "log": True},
+              {"keys": ["cos"], "title": "cos(v_pred, v_target)", "log": False},
+              {"keys": ["scale_ratio"], "title": "||x0|| / ||x1||", "log": True},
+              {"keys": ["grad_norm"], "title": "grad norm", "log": True},
+              {"keys": ["kl"], "title": "kl", "log": True}]
+    decision = obs["decision"]
+    return {"curves": curves, "curve_guides": guides,
+            "curve_panels": [p for p in panels if p["keys"][0] in curves],
+            "curve_title": f"overfit: {decision['outcome']} at step {decision['step']}",
+            "outcome": decision["outcome"], "steps_run": obs["steps_run"], "seconds_run": obs["seconds_run"],
+            "cpu_seconds_run": obs["cpu_seconds_run"], "window": obs["window"]}

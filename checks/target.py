@@ -143,6 +143,10 @@ def _measure_path(ctx, limit: int) -> dict[str, Any]:
     obs["v_combination"] = {"x0": c_med, "x1": d_med, "residual": combo.relative_residual()}
     count_t, width = pf.spread(t)
     obs["distinct_t"], obs["t_range"] = count_t, width
+    # the data of the path figure (`--plot`): per-sample (t, a, b), then the fitted curves once there is a fit
+    keep = _thin(int(usable.sum()))
+    obs["schedule"] = {"t": t[usable][keep].tolist(), "a": a[usable][keep].tolist(), "b": b[usable][keep].tolist(),
+                       "t_scale": scale}
     if usable.sum() < pf.MIN_DISTINCT_T:
         obs["fit"] = {"ok": False, "reason": "x0 and x1 are (nearly) parallel in almost every sample: the mix of "
                                              "x0 and x1 in x_t cannot be identified"}
@@ -167,6 +171,13 @@ def _measure_path(ctx, limit: int) -> dict[str, Any]:
     summary = torch.stack([cos_f.median(), ratio_f.median(), cos_f.quantile(0.05)]).cpu().tolist()
     obs["cos_median"], obs["ratio_median"], obs["cos_p05"] = (float(x) for x in summary)
     obs["cos_samples"] = [round(float(x), 5) for x in cos_f.cpu().tolist()]
+    grid = np.linspace(fit.t_lo, fit.t_hi, 101)
+    (grid_a, grid_b), (grid_da, grid_db) = fit.values(grid), fit.derivatives(grid)
+    keep = _thin(len(obs["cos_samples"]))
+    obs["schedule"].update(
+        grid={"t": grid.tolist(), "a": grid_a.tolist(), "b": grid_b.tolist(), "da": grid_da.tolist(),
+              "db": grid_db.tolist()},
+        cos={"t": t[finite.cpu().numpy()][keep].tolist(), "cos": np.asarray(obs["cos_samples"])[keep].tolist()})
     obs["velocity_combination"] = {"x0": float(np.median(da)), "x1": float(np.median(db))}
     candidates = pf.candidate_targets(x0, x1, xt, expected, eps,
                                       torch.as_tensor(fa, dtype=torch.float64, device=device))
@@ -174,6 +185,17 @@ def _measure_path(ctx, limit: int) -> dict[str, Any]:
     # no reparam noise, no mu/logvar: the source is plain noise, and x0 is what a DDPM codebase calls eps
     obs["source_is_noise"] = eps is None and "mu" not in outputs[0] and "logvar" not in outputs[0]
     return obs
+
+
+SCATTER_POINTS = 512  # per-sample points kept for the figure (the JSON report carries them)
+
+
+def _thin(count: int) -> Any:
+    """Evenly spaced indices of at most SCATTER_POINTS out of ``count``."""
+    import numpy as np
+
+    return np.unique(np.linspace(0, count - 1, min(count, SCATTER_POINTS)).round().astype(int)) if count else \
+        np.zeros(0, dtype=int)
 
 
 def _measure_precision(out) -> dict[str, Any]:
@@ -755,8 +777,11 @@ class TargetCheck(Check):
         _judge_path(obs["path"], th, out)
         _judge_autograd(obs["autograd"], out)
         _judge_precision(obs["precision"], out)
+        path = {k: v for k, v in obs["path"].items() if k != "cos_samples"}
+        if "schedule" in path:
+            path["schedule"] = {**path["schedule"], "guides": {"cos": [[th.cos_warn, "warn"], [th.cos_fail, "fail"]]}}
         details = {
-            "path": {k: v for k, v in obs["path"].items() if k != "cos_samples"},
+            "path": path,
             "gradients": obs["autograd"]["grads"],
             "roles": obs["autograd"]["roles"],
             "moving_target": obs["autograd"]["moving_target"],

@@ -40,6 +40,8 @@ class CheckResult(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
     # Short traceback for ERROR rows.
     error: Optional[str] = None
+    # Figures written with --plot (paths), or a 'not written: ...' note saying why not.
+    plots: list[str] = Field(default_factory=list)
 
 
 class Environment(BaseModel):

@@ -204,6 +204,8 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
     if unknown_tables:
         raise UsageError(f"thresholds given for unknown check id '{sorted(unknown_tables)[0]}'")
 
+    if settings.plot_dir:
+        _check_plot_dir(settings.plot_dir)
     device = _resolve_device(pipeline, settings.device)
     snapshot = StateSnapshot(pipeline)  # before anything moves or runs
     moved = _place_modules(pipeline, device)
@@ -251,4 +253,20 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
         from .distributed import all_gather, merge
 
         report = merge(all_gather(report))
+    if settings.plot_dir and (rank is None or rank.is_main):
+        from .renderers.plots import write_plots
+
+        write_plots(report, settings.plot_dir)
     return report
+
+
+def _check_plot_dir(directory: str) -> None:
+    """Refuse a --plot DIR that cannot become a folder before anything runs, not after a long run."""
+    from pathlib import Path
+
+    path = Path(directory)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--plot {directory}: '{parent}' exists and is not a folder")
+            break

@@ -89,6 +89,8 @@ CASES = [
     ("config-invalid-toml", "def build():\n    return pipeline()", ["--config", "bad.toml"], 2, "invalid TOML"),
     ("config-unknown-setting", "def build():\n    return pipeline()", ["--config", "unknown.toml"], 2,
      "unknown setting 'sample'"),
+    ("plot-dir-under-a-file", "def build():\n    return pipeline()", ["--plot", "bad.toml/figures"], 2,
+     "--plot bad.toml/figures: 'bad.toml' exists and is not a folder"),
     ("negative-samples", "def build():\n    return pipeline()", ["--samples", "0"], 2,
      "setting 'samples': Input should be greater than or equal to 1"),
 ]

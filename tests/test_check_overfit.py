@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fmcheck.checks import _overfit_math as om
-from fmcheck.checks.overfit import OverfitCheck
+from fmcheck.checks.overfit import OverfitCheck, OverfitThresholds
 from fmcheck.config import Settings
 from fmcheck.contract import coerce
 from fmcheck.registry import Registry
@@ -369,17 +369,12 @@ def test_a_grad_scaler_is_used_as_training_uses_it(monkeypatch):
     assert state_digest(pipeline) == before
 
 
-def test_plot_is_written_and_a_missing_matplotlib_is_a_note(tmp_path, monkeypatch):
-    pytest.importorskip("matplotlib")
-    result = run_overfit(quick(nan_at=530), plot_dir=str(tmp_path))[1]
-    path = tmp_path / "overfit.png"
-    assert result.details["plot"] == str(path) and path.read_bytes()[:4] == b"\x89PNG"
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    result = run_overfit(quick(nan_at=530), plot_dir=str(tmp_path / "none"))[1]
-    assert result.details["plot"].startswith("not written: matplotlib is not installed")
+def test_plot_data_carries_the_thresholds_and_the_panels(passing_run):
+    details = passing_run[0].details
+    assert details["curve_guides"]["cos"] == [[OverfitThresholds().cos_pass, "pass"]]
+    assert [p["keys"][0] for p in details["curve_panels"]][:2] == ["fm_loss", "cos"]
+    assert all(p["keys"][0] in details["curves"] for p in details["curve_panels"])
+    assert details["curve_title"].startswith("overfit: pass at step ")
 
 
 def test_the_console_report_draws_the_curves(passing_run):

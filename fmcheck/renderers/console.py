@@ -131,6 +131,11 @@ def render(report: Report, console: Console) -> None:
         f"{sum(1 for c in report.checks if c.verdict is v)} {v.value}" for v in Verdict
         if any(c.verdict is v for c in report.checks)
     )
+    plots = [(c.id, path) for c in report.checks for path in c.plots]
+    if plots:
+        console.print(Text("plots", style="bold"))
+        for check_id, path in plots:
+            console.print(Text.assemble(f"  {check_id:<10} ", (path, "dim" if path.startswith("not written") else "")))
     total = sum(c.duration_s for c in report.checks)
     note = " (interrupted)" if report.interrupted else ""
     console.print(Text.assemble("verdict ", verdict_text(report.verdict), f"  {counts}  in {total:.1f} s  "

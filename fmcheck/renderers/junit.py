@@ -50,7 +50,10 @@ def to_junit(report: Report) -> str:
             ET.SubElement(case, "error", {"message": _text(check.summary)}).text = _text(body)
         elif check.verdict is Verdict.SKIP:
             ET.SubElement(case, "skipped", {"message": _text(check.summary)})
-        elif check.verdict is Verdict.WARN:
-            ET.SubElement(case, "system-out").text = _text(f"WARN: {check.summary}\n{body}")
+        out = [f"WARN: {check.summary}\n{body}"] if check.verdict is Verdict.WARN else []
+        # --plot figures, in the attachment convention GitLab and Jenkins show next to the test case
+        out += [f"[[ATTACHMENT|{path}]]" for path in check.plots if not path.startswith("not written")]
+        if out:
+            ET.SubElement(case, "system-out").text = _text("\n".join(out))
     ET.indent(suite)
     return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"

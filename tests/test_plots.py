@@ -1,0 +1,160 @@
+"""`--plot DIR`: the figures' data (measured by the checks) and the figures (drawn by the renderer), listed in every
+report format."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import fm_variants
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from fmcheck.api import Check, CheckDoc, Judgement
+from fmcheck.config import Settings
+from fmcheck.contract import coerce
+from fmcheck.registry import Registry
+from fmcheck.renderers import plots
+from fmcheck.renderers.junit import to_junit
+from fmcheck.report import CheckResult, Report
+from fmcheck.runner import run
+from fmcheck.verdict import Verdict
+
+PNG = b"\x89PNG"
+needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib missing")
+
+
+def _run(directory=None, only=("norms", "target"), **options) -> Report:
+    settings = Settings(plot_dir=str(directory) if directory else None)
+    return run(coerce(fm_variants.build(**options)), settings, only=list(only))
+
+
+@pytest.fixture(scope="module")
+def scaled_run(tmp_path_factory):
+    """The seed's case in miniature: x1 4x larger than x0, figures written."""
+    directory = tmp_path_factory.mktemp("figures")
+    return directory, _run(directory if importlib.util.find_spec("matplotlib") else None, x1_scale=4.0)
+
+
+def test_latent_histograms_hold_every_element_and_show_the_scale_gap(scaled_run):
+    report = scaled_run[1]
+    latents = report.check("norms").details["latents"]
+    elements = 4 * 32 * fm_variants.DIM  # measure_batches (4) batches of 32 samples
+    for key in ("x0", "x1"):
+        counted = sum(latents["values"]["counts"][key]) + latents["values"]["outside"][key] * elements
+        assert counted == pytest.approx(elements, rel=1e-6)
+        assert sum(latents["norms"]["counts"][key]) == 4 * 32  # the per-sample norms: one per sample
+    edges = latents["norms"]["edges"]
+    centres = [math.sqrt(lo * hi) for lo, hi in zip(edges[:-1], edges[1:])]
+
+    def mode(key):
+        counts = latents["norms"]["counts"][key]
+        return centres[counts.index(max(counts))]
+
+    assert mode("x1") / mode("x0") == pytest.approx(4.0, rel=0.35)
+    assert latents["ratio"] == pytest.approx(latents["mean_norm"]["x1"] / latents["mean_norm"]["x0"])
+    # per-channel statistics of both sides, x1's std about 4x x0's (both unit-variance before the planted 4x)
+    channels = latents["channels"]
+    assert len(channels["x0"]["std"]) == len(channels["x1"]["std"]) == fm_variants.SHAPE[0]
+    ratio = sum(channels["x1"]["std"]) / sum(channels["x0"]["std"])
+    assert 2.5 < ratio < 6
+
+
+@pytest.mark.parametrize("path, da, db", [("linear", -1.0, 1.0), ("reversed", 1.0, -1.0)])
+def test_the_path_figure_data_is_the_fitted_schedule_and_its_derivatives(path, da, db):
+    schedule = _run(only=("target",), path=path).check("target").details["path"]["schedule"]
+    grid = schedule["grid"]
+    assert len(grid["t"]) == len(grid["a"]) == len(grid["da"]) == 101
+    assert all(v == pytest.approx(da, abs=1e-3) for v in grid["da"])
+    assert all(v == pytest.approx(db, abs=1e-3) for v in grid["db"])
+    # the per-sample coefficients lie on the fitted curve, and v_target agrees with its velocity everywhere
+    assert len(schedule["t"]) == len(schedule["a"]) == len(schedule["b"]) > 100
+    assert min(grid["t"]) <= min(schedule["t"]) and max(schedule["t"]) <= max(grid["t"])
+    on_curve = np.interp(schedule["t"], grid["t"], grid["a"])
+    assert np.abs(on_curve - np.array(schedule["a"])).max() < 1e-3
+    assert min(schedule["cos"]["cos"]) > 0.99
+    assert [kind for _, kind in schedule["guides"]["cos"]] == ["warn", "fail"]
+
+
+def test_a_wrong_target_shows_in_the_per_sample_cosines():
+    schedule = _run(only=("target",), target="flipped").check("target").details["path"]["schedule"]
+    cos = schedule["cos"]["cos"]
+    assert len(cos) == len(schedule["cos"]["t"]) and max(cos) < -0.99
+
+
+@needs_matplotlib
+def test_figures_are_written_and_every_report_lists_them(scaled_run):
+    directory, report = scaled_run
+    expected = {"norms": [str(directory / "norms-latents.png")], "target": [str(directory / "target-path.png")]}
+    assert {r.id: r.plots for r in report.checks} == expected
+    for paths in expected.values():
+        with open(paths[0], "rb") as png:
+            assert png.read(4) == PNG
+    assert json.loads(report.model_dump_json())["checks"][0]["plots"] == expected[report.checks[0].id]
+    assert f"[[ATTACHMENT|{expected['norms'][0]}]]" in to_junit(report)
+
+
+def test_without_matplotlib_the_report_says_so_and_nothing_is_written(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    report = _run(tmp_path / "figures", only=("norms",))
+    assert report.check("norms").plots == [plots.MISSING_MATPLOTLIB]
+    assert not (tmp_path / "figures").exists()
+    assert "ATTACHMENT" not in to_junit(report)
+
+
+@needs_matplotlib
+def test_a_figure_that_fails_to_draw_is_a_note_and_the_others_are_written(tmp_path, monkeypatch):
+    def broken(result):
+        raise ValueError("no finite values")
+
+    monkeypatch.setattr(plots, "_path_figure", broken)
+    report = _run(tmp_path)
+    assert report.check("target").plots == ["not written: path figure failed: ValueError: no finite values"]
+    assert report.check("norms").plots == [str(tmp_path / "norms-latents.png")]
+    assert report.verdict is Verdict.PASS  # the verdicts never depend on plots
+
+
+class Curves(Check):
+    """A third-party check that leaves curves in its details gets the curve figure, like `overfit`."""
+
+    id = "t_curves"
+    title = "curves"
+    purpose = "curves for the plot renderer"
+    doc = CheckDoc(what="a loss curve", why="to be drawn", bug_example="", fix="")
+
+    def measure(self, ctx):
+        return [1.0, 0.5, 0.25, 0.125]
+
+    def judge(self, losses, thresholds):
+        return Judgement(measurements=[], summary="fine",
+                         details={"curves": {"step": [0, 1, 2, 3], "loss": losses},
+                                  "curve_guides": {"loss": [[0.2, "pass"]]}})
+
+
+@needs_matplotlib
+def test_a_plugin_check_with_curves_gets_a_figure(tmp_path, tiny_pipeline):
+    registry = Registry()
+    registry.add(Curves, name=Curves.id, target="tests:Curves", distribution="tests")
+    report = run(tiny_pipeline, Settings(plot_dir=str(tmp_path)), registry=registry)
+    assert report.check("t_curves").verdict is Verdict.PASS, report.check("t_curves").summary
+    assert report.check("t_curves").plots == [str(tmp_path / "t_curves.png")]
+    assert (tmp_path / "t_curves.png").read_bytes()[:4] == PNG
+
+
+@needs_matplotlib
+def test_a_result_without_figure_data_gets_no_plot(tmp_path):
+    report = Report(fmcheck_version="0", verdict=Verdict.PASS, exit_code=0,
+                    environment={"python": "3"}, checks=[CheckResult(id="x", verdict=Verdict.PASS)])
+    assert plots.write_plots(report, str(tmp_path / "none")) == []
+    assert not (tmp_path / "none").exists()
+
+
+@needs_matplotlib
+def test_the_cli_lists_the_files(tmp_path):
+    result = run_cli("norms", "--module", "fm_variants:build", "--plot", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "plots" in result.stdout and "norms-latents.png" in result.stdout
+    assert (tmp_path / "out" / "norms-latents.png").read_bytes()[:4] == PNG
