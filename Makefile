@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The bundled pipelines are tiny: on a small shared CPU one thread per process beats torch's default by far.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test bench docs clean
+.PHONY: setup demo test bench bench-gpu docs clean
 
 setup: $(VENV)/.installed
 
@@ -25,10 +25,15 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python bench/startup.py
-	$(BIN)/python bench/scale_overhead.py
-	$(BIN)/python bench/overfit_overhead.py --pipeline digits
-	$(BIN)/python bench/whole_run.py
+	$(BIN)/python bench/startup.py --repeats 15
+	$(BIN)/python bench/scale_overhead.py --repeats 3
+	$(BIN)/python bench/overfit_overhead.py --pipeline digits --repeats 7 --skip-verdict
+	$(BIN)/python bench/overfit_overhead.py --pipeline digits --repeats 3
+	$(BIN)/python bench/whole_run.py --repeats 3
+
+# On a machine with a CUDA GPU: the DiT-B reference through scale and overfit (bench/README.md)
+bench-gpu: setup
+	$(BIN)/python bench/gpu.py --out bench/gpu-latest.json
 
 docs: setup
 	$(BIN)/python scripts/gen_docs.py

@@ -1,5 +1,6 @@
 """`fmcheck all` on the digits pipeline: wall time, where the time goes (per check), and peak memory against a raw
-training loop on the same pipeline.
+training loop on the same pipeline; and how much of the wall time is only building the pipeline (its imports and
+model loads, which any tool that runs the user's step pays).
 
     python bench/whole_run.py [--repeats 3] [--raw-steps 200]
 
@@ -35,6 +36,13 @@ for i in range({steps}):
     p["optimizer"].step()
 """
 
+BUILD_ONLY = """
+import sys
+sys.path.insert(0, {root!r})
+from fixtures.digits import build
+build()
+"""
+
 WRAPPER = """
 import resource, subprocess, sys, time
 start = time.perf_counter()
@@ -59,10 +67,12 @@ def main() -> None:
     fmcheck_cmd = [sys.executable, "-m", "fmcheck", "all", "--module", "fixtures.digits:build", "--json",
                    str(report_path)]
     raw_cmd = [sys.executable, "-c", RAW_LOOP.format(root=str(ROOT), steps=args.raw_steps)]
-    runs, raws, per_check = [], [], {}
+    build_cmd = [sys.executable, "-c", BUILD_ONLY.format(root=str(ROOT))]
+    runs, raws, builds, per_check = [], [], [], {}
     for _ in range(args.repeats):  # interleaved, so load affects both sides alike
         runs.append(measured(fmcheck_cmd))
         raws.append(measured(raw_cmd))
+        builds.append(measured(build_cmd))
         report = json.loads(report_path.read_text())
         for check in report["checks"]:
             per_check.setdefault(check["id"], []).append(check["duration_s"])
@@ -70,6 +80,13 @@ def main() -> None:
     rss, raw_rss = statistics.median(r[1] for r in runs), statistics.median(r[1] for r in raws)
     print(f"fmcheck all --module fixtures.digits:build: {seconds:.1f} s wall (median of {args.repeats}), "
           f"exit code {runs[-1][2]}, verdict {report['verdict']}")
+    built = statistics.median(b[0] for b in builds)
+    checks_total = sum(statistics.median(v) for v in per_check.values())
+    print(f"where the time goes: building the pipeline in a fresh process (python, torch, diffusers and transformers "
+          f"imports, the VAE and text encoder loaded) {built:.1f} s; the checks {checks_total:.1f} s; the rest "
+          f"(fmcheck's imports, probe, report) {seconds - built - checks_total:.1f} s")
+    print(f"raw loop of {args.raw_steps} training steps, same build: "
+          f"{statistics.median(r[0] for r in raws):.1f} s wall")
     print("per check (median s): " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in per_check.items()))
     others = sum(statistics.median(v) for k, v in per_check.items() if k != "overfit")
     print(f"checks other than overfit together: {others:.2f} s")

@@ -71,10 +71,11 @@ def _distribution_name(entry_point: metadata.EntryPoint) -> str:
 def discover() -> Registry:
     """Load every check registered under the group; fmcheck's own first so that duplicates never shadow them."""
     registry = Registry()
-    entry_points = sorted(metadata.entry_points(group=GROUP), key=lambda ep: _distribution_name(ep) != "fmcheck")
+    # each name read once: reading a distribution's metadata parses its METADATA file
+    named = [(_distribution_name(ep), ep) for ep in metadata.entry_points(group=GROUP)]
+    named.sort(key=lambda pair: pair[0] != "fmcheck")
     seen: set[tuple[str, str, str]] = set()
-    for entry_point in entry_points:
-        distribution = _distribution_name(entry_point)
+    for distribution, entry_point in named:
         key = (distribution, entry_point.name, entry_point.value)
         if key in seen:  # the same distribution visible twice on sys.path
             continue
