@@ -158,3 +158,28 @@ def test_the_cli_lists_the_files(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "plots" in result.stdout and "norms-latents.png" in result.stdout
     assert (tmp_path / "out" / "norms-latents.png").read_bytes()[:4] == PNG
+
+
+def test_latent_statistics_batch_by_batch_equal_the_pooled_ones_for_video_and_token_latents():
+    import torch
+
+    from fmcheck.checks.norms import _channel_stats, _distributions
+
+    gen = torch.Generator().manual_seed(0)
+    video = [torch.randn(2, 3, 4, 5, 6, generator=gen) * torch.tensor([1.0, 3.0, 0.5]).view(1, 3, 1, 1, 1) + 2
+             for _ in range(3)]
+    pooled = torch.cat(video).double().transpose(0, 1).reshape(3, -1)
+    std, mean = _channel_stats(video)
+    assert torch.allclose(std, pooled.std(dim=1)) and torch.allclose(mean, pooled.mean(dim=1))
+    assert _channel_stats([torch.randn(2, 7, 3)]) is None  # (B, L, C): which dimension is the channel is ambiguous
+
+    broken = video[0].clone()
+    broken[0, 0, 0, 0, 0] = float("nan")
+    data = _distributions({"x0": [broken], "x1": video}, {"x0": torch.ones(2), "x1": torch.full((6,), 4.0)},
+                          {"x0": None, "x1": torch.stack([std, mean])})
+    values = data["values"]
+    assert sum(values["counts"]["x0"]) + values["outside"]["x0"] * (broken.numel() - 1) == \
+        pytest.approx(broken.numel() - 1)  # the NaN is left out, not counted
+    assert sum(values["counts"]["x1"]) + values["outside"]["x1"] * pooled.numel() == pytest.approx(pooled.numel())
+    assert list(data["channels"]) == ["x1"]
+    assert sum(data["norms"]["counts"]["x0"]) == 2 and sum(data["norms"]["counts"]["x1"]) == 6
