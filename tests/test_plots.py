@@ -183,3 +183,16 @@ def test_latent_statistics_batch_by_batch_equal_the_pooled_ones_for_video_and_to
     assert sum(values["counts"]["x1"]) + values["outside"]["x1"] * pooled.numel() == pytest.approx(pooled.numel())
     assert list(data["channels"]) == ["x1"]
     assert sum(data["norms"]["counts"]["x0"]) == 2 and sum(data["norms"]["counts"]["x1"]) == 6
+
+
+@needs_matplotlib
+def test_a_plot_folder_that_cannot_be_created_after_the_run_is_a_note(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    report = _run(tmp_path / "figures", only=("norms",))
+    assert report.check("norms").plots == [f"not written: cannot create {tmp_path / 'figures'}: Permission denied"]
+    assert report.verdict is Verdict.PASS

@@ -43,7 +43,12 @@ def write_plots(report: Report, directory: str) -> list[str]:
             result.plots = [MISSING_MATPLOTLIB]
         return []
     folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # after a long run the report matters more than its pictures
+        for result, _, _ in figures:
+            result.plots.append(f"not written: cannot create {directory}: {exc.strerror or exc}")
+        return []
     written = []
     for result, name, draw in figures:
         target = folder / f"{result.id}{'-' + name if name else ''}.png"
