@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import platform
 import signal
-import sys
 import threading
 import time
 from typing import Any, Iterable, Optional

@@ -63,3 +63,20 @@ def test_built_wheel_installs_checks_as_a_subpackage_only(tmp_path):
                             capture_output=True, text=True, cwd="/", env={**os.environ, "PYTHONPATH": str(target)})
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == target / "fmcheck" / "checks" / "__init__.py"
+
+
+def test_only_isolate_catches_broadly():
+    """docs/architecture.md: `isolate.capture` is the one broad `except`; anything else that runs code which may
+    raise anything goes through it, so that interrupts and timeouts are never swallowed by accident."""
+    import ast
+
+    broad = {"Exception", "BaseException"}
+    offenders = []
+    for path in sorted([*(ROOT / "fmcheck").rglob("*.py"), *(ROOT / "checks").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ExceptHandler):
+                caught = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
+                names = {getattr(c, "id", getattr(c, "attr", None)) for c in caught if c is not None}
+                if node.type is None or names & broad:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert [place.split(":")[0] for place in offenders] == ["fmcheck/isolate.py"], offenders

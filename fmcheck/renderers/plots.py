@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..isolate import capture, describe
 from ..report import CheckResult, Report
 
 MISSING_MATPLOTLIB = "not written: matplotlib is not installed (pip install 'fmcheck[plot]')"
@@ -39,24 +40,23 @@ def write_plots(report: Report, directory: str) -> list[str]:
     if not figures:
         return []
     if importlib.util.find_spec("matplotlib") is None:
-        for result, _, _ in figures:
-            result.plots = [MISSING_MATPLOTLIB]
+        for result in {id(r): r for r, _, _ in figures}.values():
+            result.plots.append(MISSING_MATPLOTLIB)
         return []
     folder = Path(directory)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # after a long run the report matters more than its pictures
-        for result, _, _ in figures:
+        for result in {id(r): r for r, _, _ in figures}.values():
             result.plots.append(f"not written: cannot create {directory}: {exc.strerror or exc}")
         return []
     written = []
     for result, name, draw in figures:
         target = folder / f"{result.id}{'-' + name if name else ''}.png"
-        try:
-            figure = draw(result)
-            figure.savefig(target, dpi=110)
-        except Exception as exc:  # a figure that fails to draw must not lose the report
-            result.plots.append(f"not written: {name or result.id} figure failed: {type(exc).__name__}: {exc}")
+        # a figure that fails to draw (a plugin's odd data, a full disk) must not lose the report
+        outcome = capture(lambda: draw(result).savefig(target, dpi=110))
+        if not outcome.ok:
+            result.plots.append(f"not written: {name or result.id} figure failed: {describe(outcome.exc)}")
             continue
         result.plots.append(str(target))
         written.append(str(target))
@@ -64,20 +64,18 @@ def write_plots(report: Report, directory: str) -> list[str]:
 
 
 def _figures_of(result: CheckResult) -> list[tuple[str, Callable[[CheckResult], Any]]]:
+    """(file-name suffix, drawing function) for each figure the result has data for; a check's only figure
+    is named after the check alone (overfit.png)."""
     details = result.details if isinstance(result.details, dict) else {}
     found = []
-    if isinstance(details.get("curves"), dict) and details["curves"].get("step"):
-        found.append(("curves" if _has_other_figures(details) else "", _curves_figure))
     if isinstance(details.get("latents"), dict):
         found.append(("latents", _latents_figure))
     path = details.get("path")
     if isinstance(path, dict) and isinstance(path.get("schedule"), dict):
         found.append(("path", _path_figure))
+    if isinstance(details.get("curves"), dict) and details["curves"].get("step"):
+        found.insert(0, ("curves" if found else "", _curves_figure))
     return found
-
-
-def _has_other_figures(details: dict) -> bool:
-    return isinstance(details.get("latents"), dict) or isinstance((details.get("path") or {}).get("schedule"), dict)
 
 
 def _figure(columns: int, rows: int = 1, width: float = 4.6, height: float = 3.6):
