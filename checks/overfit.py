@@ -375,6 +375,7 @@ class OverfitCheck(Check):
 
         decision = obs["decision"]
         outcome, at = decision["outcome"], decision["step"]
+        details = _details(obs, thresholds)  # the same curves whatever the verdict
         initial = obs["initial"]
         final = obs["points"][-1] if obs["points"] else None
         samples = obs["samples"]
@@ -396,7 +397,7 @@ class OverfitCheck(Check):
 
         if outcome == om.STOPPED:
             return Judgement(measurements, "stopped before training, with the other ranks: one of them had a "
-                             "non-finite step output", verdict=Verdict.WARN, details=_details(obs, thresholds))
+                             "non-finite step output", verdict=Verdict.WARN, details=details)
         if outcome == om.NONFINITE:
             keys = decision.get("keys") or []
             key = keys[0].removeprefix("max:") if keys else "?"
@@ -414,7 +415,7 @@ class OverfitCheck(Check):
             if initial is not None and not math.isnan(initial["fm"]):
                 measurements.append(info("fm_loss initial", initial["fm"]))
             return Judgement(measurements, summary, hint=hint, verdict=Verdict.FAIL,
-                             details=_details(obs, thresholds))
+                             details=details)
 
         assert initial is not None and final is not None
         fm_fall = 1.0 - final["rel"] / initial["rel"] if initial["rel"] > 0 else float("nan")
@@ -477,13 +478,13 @@ class OverfitCheck(Check):
         if outcome == om.PASSED and not drifted:
             summary = (f"overfits {samples} samples in {steps_text}: {fm_text}, {cos_text}"
                        + (f", {ratio_text}" if ratio_text else ""))
-            return Judgement(measurements, summary, verdict=Verdict.PASS, details=_details(obs, thresholds))
+            return Judgement(measurements, summary, verdict=Verdict.PASS, details=details)
         if outcome == om.PASSED:
             summary = (f"overfits {samples} samples in {steps_text} ({fm_text}, {cos_text}), but the scale moved "
                        f"{final['drift']:.3g}x on the way: {ratio_text}")
             hint = ("the KL held the head's scale only loosely: watch ||x0||/||x1|| in training; if it keeps growing, "
                     "raise the KL weight or bound the head's output scale")
-            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=_details(obs, thresholds))
+            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=details)
         if outcome == om.SCALE_DRIFT:
             weight = f"{obs['kl_weight']:.3g}" if obs["kl_weight"] is not None else "not exposed"
             summary = (f"scale drift: ||x0||/||x1|| went {initial['ratio']:.3g} -> {final['ratio']:.3g} "
@@ -494,25 +495,25 @@ class OverfitCheck(Check):
                     f"{weight} at step_index {obs['start_step']}), bound the head's output scale (smaller init of "
                     "its last layer, a lower head learning rate, a logvar clamp); fix the scale itself, do not add "
                     "a ratio correction r = ||z1||/||z0||")
-            return Judgement(measurements, summary, hint=hint, verdict=Verdict.FAIL, details=_details(obs, thresholds))
+            return Judgement(measurements, summary, hint=hint, verdict=Verdict.FAIL, details=details)
         if outcome == om.DIVERGED:
             summary = f"diverged: {fm_text} by step {at}{because}"
             hint = ("lower the learning rate or clip gradients; check that fm_loss and the weighted KL have the same "
                     "normalisation (mean vs sum)")
-            return Judgement(measurements, summary, hint=hint, verdict=Verdict.FAIL, details=_details(obs, thresholds))
+            return Judgement(measurements, summary, hint=hint, verdict=Verdict.FAIL, details=details)
         if outcome == om.SCALE_MOVING:
             summary = (f"overfits ({fm_text}, {cos_text}) but the scale had not settled by the end of the budget: "
                        f"{ratio_text} in {steps_text}")
             hint = ("watch ||x0||/||x1|| in training; if it keeps growing, raise the KL weight or bound the head's "
                     "output scale")
-            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=_details(obs, thresholds))
+            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=details)
         needs = f"needs a relative fall of {thresholds.loss_drop:.0%} and cos >= {thresholds.cos_pass:g}"
         if outcome == om.OUT_OF_TIME:
             summary = (f"no verdict: the time budget ({obs['time_budget']:g} s) ended the run after {steps_text}, "
                        f"undecided: {fm_text}, {cos_text} ({needs}){because}")
             hint = ("raise --time-budget (or run on a faster device) to let the overfit reach a verdict; "
                     f"{obs['steps_run']} steps took {obs['seconds_run']:.1f} s")
-            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=_details(obs, thresholds))
+            return Judgement(measurements, summary, hint=hint, verdict=Verdict.WARN, details=details)
         if outcome == om.STALLED:
             summary = (f"will not overfit within {obs['budget_steps']} steps: after {steps_text} {fm_text}, "
                        f"{cos_text} ({needs}); even optimistic trends reach only a "
@@ -520,7 +521,7 @@ class OverfitCheck(Check):
         else:
             summary = f"did not overfit in {steps_text}: {fm_text}, {cos_text} ({needs}){because}"
         return Judgement(measurements, summary, hint=learn_hint, verdict=Verdict.FAIL,
-                         details=_details(obs, thresholds))
+                         details=details)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
