@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Union
 
-from .config import Settings
+from .config import Settings, load_settings
 from .contract import Pipeline, coerce, load_pipeline
-from .errors import ConfigError
 from .report import Report
 from .verdict import Verdict
 
@@ -30,14 +29,10 @@ class PreflightError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-def _settings(options: dict[str, Any]) -> Settings:
-    from pydantic import ValidationError
-
-    try:
-        return Settings(**options)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        raise ConfigError(f"option '{'.'.join(map(str, error['loc']))}': {error['msg']}") from exc
+def _settings(options: dict[str, Any], config: Optional[str],
+              overrides: Optional[list[str]]) -> tuple[Settings, dict[str, str]]:
+    """The CLI's settings path: options > ``config`` file > [tool.fmcheck] in the nearest pyproject.toml > defaults."""
+    return load_settings(options, config, overrides, source="option")
 
 
 def _pipeline(pipeline: PipelineLike) -> Pipeline:
@@ -45,16 +40,19 @@ def _pipeline(pipeline: PipelineLike) -> Pipeline:
 
 
 def run(pipeline: PipelineLike, checks: Optional[Iterable[str]] = None, *, skip: Optional[Iterable[str]] = None,
-        **options: Any) -> Report:
+        config: Optional[str] = None, overrides: Optional[list[str]] = None, **options: Any) -> Report:
     """Run checks on a pipeline (a Pipeline, its dict form, or "module:attr") and return the Report.
 
     ``options`` are :class:`~fmcheck.config.Settings` fields: device, seed, samples, max_steps, time_budget, timeout,
-    strict, thresholds={"norms": {"ratio_warn": 3.0}}, ...
+    strict, thresholds={"norms": {"ratio_warn": 3.0}}, ... Settings come from the same places, in the same order, as on
+    the command line: these options (``overrides`` are ``--set`` strings such as "norms.ratio_warn=3"), then the
+    ``config`` TOML file, then ``[tool.fmcheck]`` in the nearest pyproject.toml, then the defaults.
     """
     from .runner import run as run_checks
 
+    settings, origins = _settings(options, config, overrides)
     name = pipeline if isinstance(pipeline, str) else None
-    return run_checks(_pipeline(pipeline), _settings(options), only=checks, skip=skip, pipeline_name=name)
+    return run_checks(_pipeline(pipeline), settings, only=checks, skip=skip, origins=origins, pipeline_name=name)
 
 
 def preflight(pipeline: PipelineLike, checks: Optional[Iterable[str]] = None, **options: Any) -> Report:

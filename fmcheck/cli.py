@@ -51,11 +51,13 @@ def _ids(values: Optional[list[str]]) -> list[str]:
 
 def _fail_usage(exc: BaseException, debug: bool) -> "typer.Exit":
     from rich.console import Console
+    from rich.text import Text
 
     console = Console(stderr=True)
     if debug:
         console.print_exception()
-    console.print(f"[bold red]fmcheck: error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    # The message is the user's text (paths, [table] names): never read as markup.
+    console.print(Text.assemble(("fmcheck: error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
     return typer.Exit(int(ExitCode.USAGE))
 
 

@@ -11,6 +11,7 @@ Config files use the same shape in both places::
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 from pathlib import Path
@@ -107,8 +108,13 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def load_settings(cli: dict[str, Any], config_path: Optional[str] = None, overrides: Optional[list[str]] = None,
-                  pyproject: Optional[Path] = None) -> tuple[Settings, dict[str, str]]:
-    """Merge the sources. Returns the settings and, per threshold table, where it came from (for error messages)."""
+                  pyproject: Optional[Path] = None, *, source: str = "setting") -> tuple[Settings, dict[str, str]]:
+    """Merge the sources: the one settings path of the CLI, ``fmcheck.run``/``preflight`` and the pytest plugin.
+
+    ``cli`` holds the explicit options (None means "not given"); its ``thresholds`` mapping, if any, is the same layer
+    as ``--set``. ``source`` names those options in errors ("setting" on the command line, "option" in the API).
+    Returns the settings and, per threshold table, where it came from (for error messages).
+    """
     merged: dict[str, Any] = {}
     thresholds: dict[str, dict[str, Any]] = {}
     origins: dict[str, str] = {}
@@ -120,6 +126,12 @@ def load_settings(cli: dict[str, Any], config_path: Optional[str] = None, overri
             thresholds.setdefault(check_id, {}).update(values)
             origins[check_id] = f"{where} [{check_id}]"
 
+    explicit = dict(cli)
+    unknown = [k for k in explicit if k not in SETTING_KEYS and k != "thresholds"]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], [*SETTING_KEYS, "thresholds"], n=1)
+        raise ConfigError(f"{source} '{unknown[0]}' is unknown"
+                          + (f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(SETTING_KEYS)})"))
     project = pyproject if pyproject is not None else find_pyproject()
     if project is not None:
         tool = _read_toml(project).get("tool", {}).get("fmcheck")
@@ -133,7 +145,13 @@ def load_settings(cli: dict[str, Any], config_path: Optional[str] = None, overri
             raise ConfigError(f"--config {config_path}: no such file")
         data = _read_toml(path)
         layer(data.get("tool", {}).get("fmcheck", data) if "tool" in data else data, str(config_path))
-    merged.update({k: v for k, v in cli.items() if v is not None})
+    given_thresholds = explicit.pop("thresholds", None) or {}
+    if not isinstance(given_thresholds, dict) or not all(isinstance(v, dict) for v in given_thresholds.values()):
+        raise ConfigError(f"{source} 'thresholds': expected a mapping of check id -> {{name: value}}")
+    merged.update({k: v for k, v in explicit.items() if v is not None})
+    for check_id, values in given_thresholds.items():
+        thresholds.setdefault(check_id, {}).update(values)
+        origins[check_id] = f"thresholds[{check_id!r}]"
     for check_id, values in parse_overrides(overrides or []).items():
         thresholds.setdefault(check_id, {}).update(values)
         origins[check_id] = f"--set {check_id}.*"
@@ -143,7 +161,7 @@ def load_settings(cli: dict[str, Any], config_path: Optional[str] = None, overri
     except ValidationError as exc:
         error = exc.errors()[0]
         field = ".".join(str(p) for p in error["loc"])
-        raise ConfigError(f"setting '{field}': {error['msg']} (got {error.get('input')!r})") from exc
+        raise ConfigError(f"{source} '{field}': {error['msg']} (got {error.get('input')!r})") from exc
 
 
 def thresholds_for(check_cls: Any, settings: Settings, origins: dict[str, str]) -> Any:
@@ -155,4 +173,11 @@ def thresholds_for(check_cls: Any, settings: Settings, origins: dict[str, str]) 
         error = exc.errors()[0]
         name = ".".join(str(p) for p in error["loc"])
         where = origins.get(check_cls.id, f"[{check_cls.id}]")
-        raise ConfigError(f"{where}: {name}: {error['msg']} (got {error.get('input')!r})") from exc
+        if error["type"] == "extra_forbidden":
+            known = sorted(check_cls.Thresholds.model_fields)
+            close = difflib.get_close_matches(name, known, n=1)
+            raise ConfigError(f"{where}: unknown threshold '{name}' for check '{check_cls.id}'"
+                              + (f" (did you mean '{close[0]}'?)" if close else
+                                 f" (known: {', '.join(known) or 'none'})")) from exc
+        message = error["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where}: {name}: {message} (got {error.get('input')!r})") from exc

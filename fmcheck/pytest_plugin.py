@@ -19,6 +19,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run fmcheck's checks on this pipeline, one test item per check")
     group.addoption("--fmcheck-checks", metavar="IDS", default=None, help="comma-separated check ids (default: all)")
     group.addoption("--fmcheck-strict", action="store_true", default=False, help="treat WARN as failure")
+    group.addoption("--fmcheck-config", metavar="PATH", default=None,
+                    help="a TOML file of fmcheck settings and thresholds (as fmcheck --config)")
+    group.addoption("--fmcheck-set", metavar="CHECK.NAME=VALUE", action="append", default=None,
+                    help="override a threshold (as fmcheck --set; repeatable)")
 
 
 class FmcheckWarning(UserWarning):
@@ -40,8 +44,11 @@ class _Session:
         if self.report is None:
             from . import api_run
 
+            # The CLI's settings path: options, then --fmcheck-config, then [tool.fmcheck] in pyproject.toml.
             self.report = api_run.run(self.config.getoption("--fmcheck"), _ids(self.config),
-                                      strict=self.config.getoption("--fmcheck-strict"))
+                                      strict=self.config.getoption("--fmcheck-strict") or None,
+                                      config=self.config.getoption("--fmcheck-config"),
+                                      overrides=self.config.getoption("--fmcheck-set"))
         return self.report
 
 
