@@ -74,6 +74,7 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
     human = Console(stderr=json_path == "-")
     rank = None
     try:
+        _check_outputs(json_path, junit)
         settings, origins = load_settings({**cli_settings, "debug": debug}, config, overrides)
         rank = distributed.setup(settings.device)
         if rank is not None and settings.device is None:
@@ -84,25 +85,56 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
                          pipeline_name=module, rank=rank)
     except UsageError as exc:
         raise _fail_usage(exc, debug) from None
+    except KeyboardInterrupt:  # during the import, build() or the first step: no check ran, so no report
+        from rich.text import Text
+
+        human.print(Text("fmcheck: interrupted (Ctrl-C) before any check ran; nothing was checked, no report "
+                         "written"), highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     finally:
         distributed.teardown(rank)
     if rank is not None and not rank.is_main:  # rank 0 alone renders and writes; every rank exits alike
         raise typer.Exit(report.exit_code)
     render(report, human)
-    _write_reports(report, json_path, junit)
+    _write_reports(report, json_path, junit, debug)
     raise typer.Exit(report.exit_code)
 
 
-def _write_reports(report: Any, json_path: Optional[str], junit: Optional[Path]) -> None:
+def _check_outputs(json_path: Optional[str], junit: Optional[Path]) -> None:
+    """Refuse report paths that cannot be written before anything runs, not after a long run."""
+    for option, path in (("--json", json_path), ("--junit", junit)):
+        if path is None or str(path) == "-":
+            continue
+        target = Path(path)
+        if target.is_dir():
+            raise UsageError(f"{option} {path}: is a folder; give a file path")
+        existed = target.exists()
+        try:
+            with open(target, "a"):  # append mode: an existing file is left as it is
+                pass
+        except OSError as exc:
+            raise UsageError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+        if not existed:
+            target.unlink()
+
+
+def _write_reports(report: Any, json_path: Optional[str], junit: Optional[Path], debug: bool = False) -> None:
     """--json (a path, or '-' for stdout) and --junit."""
     if json_path == "-":
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
-    elif json_path:
-        Path(json_path).write_text(report.model_dump_json(indent=2) + "\n")
+    outputs: list[tuple[str, Any, Callable[[], str]]] = []
+    if json_path and json_path != "-":
+        outputs.append(("--json", json_path, lambda: report.model_dump_json(indent=2) + "\n"))
     if junit is not None:
         from .renderers.junit import to_junit
 
-        junit.write_text(to_junit(report))
+        outputs.append(("--junit", junit, lambda: to_junit(report)))
+    for option, path, text in outputs:
+        try:
+            Path(path).write_text(text())
+        except OSError as exc:  # checked before the run; the disk or the folder changed since
+            raise _fail_usage(UsageError(f"{option} {path}: cannot write the report ({exc.strerror or exc})"),
+                              debug) from None
 
 
 def _version_callback(value: bool) -> None:
@@ -231,6 +263,7 @@ def _execute_scale_vae(vae: str, *, images: Optional[str], resolution: Optional[
 
     human = Console(stderr=json_path == "-")
     try:
+        _check_outputs(json_path, junit)
         settings, origins = load_settings({"device": device, "seed": seed, "strict": strict or None, "debug": debug},
                                           config, set_)
         from .checks import _scale_standalone  # lazily: diffusers, PIL and scikit-learn only when used
@@ -244,7 +277,7 @@ def _execute_scale_vae(vae: str, *, images: Optional[str], resolution: Optional[
     snippet = report.checks[0].details.get("config_snippet") if report.checks else None
     if snippet and report.checks[0].hint != snippet:  # a non-PASS result already shows it as its fix
         human.print(Text(snippet), highlight=False, soft_wrap=True)
-    _write_reports(report, json_path, junit)
+    _write_reports(report, json_path, junit, debug)
     raise typer.Exit(report.exit_code)
 
 
@@ -291,13 +324,13 @@ def explain(check_id: Annotated[str, typer.Argument(help="A check id from `fmche
 
 @app.command("init", help="Write a commented adapter template (build() around your training step). Never overwrites.")
 def init(path: Annotated[str, typer.Argument(help="File or folder (default: ./fmcheck_adapter.py).")] = ".") -> None:
-    from .scaffold import write_template
+    from .scaffold import run_hint, write_template
 
     try:
         target = write_template(path)
     except UsageError as exc:
         raise _fail_usage(exc, False) from None
-    typer.echo(f"wrote {target}: fill in the TODOs, then run `fmcheck all --module {target.stem}:build`")
+    typer.echo(f"wrote {target}: fill in the TODOs, then run `{run_hint(target)}`")
 
 
 @app.command("compare", help="Are two JSON reports' numbers comparable? Same VAE (class, config, weights), scaling "

@@ -15,6 +15,9 @@ from typing import Any, Iterator, Optional
 from .config import Settings
 from .contract import Pipeline
 from .errors import PipelineError
+from .isolate import capture, describe
+
+_END = object()  # the end of the batch stream
 
 OUTPUT_KEYS = ("loss", "x0", "x1", "t", "xt", "v_target", "v_pred", "mu", "logvar", "kl", "kl_weight", "fm_loss", "eps")
 
@@ -147,6 +150,7 @@ class Context:
         self.deadline: Optional[float] = None
         self._batches: list[Any] = []
         self._batches_exhausted = False
+        self._source: Optional[Iterator[Any]] = None
         self._outputs: dict[int, StepOutputs] = {}
 
     # -- randomness ---------------------------------------------------------------------------------------------
@@ -170,24 +174,36 @@ class Context:
 
     # -- batches ------------------------------------------------------------------------------------------------
     def batches(self, count: Optional[int] = None) -> list[Any]:
-        """The first ``count`` training batches (default: ``measure_batches``), on the device, the same every call."""
+        """The first ``count`` training batches (default: ``measure_batches``), on the device, the same every call.
+
+        One iterator is read on demand for the whole run, so asking for more batches never re-reads the data from
+        the start (an endless batch factory would otherwise be read quadratically)."""
         count = count or self.settings.measure_batches
-        if len(self._batches) < count and not self._batches_exhausted:
-            offset, stride = self._shard()
-            kept = 0
-            for index, batch in enumerate(self.pipeline.iter_batches()):
-                if index % stride != offset:
-                    continue
-                if kept >= len(self._batches):
-                    self._batches.append(to_device(batch, self.device))
-                kept += 1
-                if len(self._batches) >= count:
-                    break
-            else:
+        while len(self._batches) < count and not self._batches_exhausted:
+            if self._source is None:
+                self._source = self._sharded()
+            read = capture(next, self._source, _END)
+            if not read.ok:
+                raise PipelineError(f"iterating pipeline field 'batches' raised {describe(read.exc)} "
+                                    f"(reading batch {len(self._batches)})") from read.exc
+            if read.value is _END:
                 self._batches_exhausted = True
+            else:
+                self._batches.append(to_device(read.value, self.device))
         if not self._batches:
             raise PipelineError("pipeline field 'batches' yielded no batch")
         return self._batches[:count]
+
+    def _sharded(self) -> Iterator[Any]:
+        """The batch stream, this rank's share; a generator, so that even ``iter()`` runs inside ``next``."""
+        offset, stride = self._shard()
+        for index, batch in enumerate(self.pipeline.iter_batches()):
+            if index % stride == offset:
+                yield batch
+
+    def cached_outputs(self) -> dict[int, "StepOutputs"]:
+        """The step outputs computed so far (for messages about where the step failed)."""
+        return dict(self._outputs)
 
     def _shard(self) -> tuple[int, int]:
         """(offset, stride) over the batch stream: each rank takes its own batches unless the loader already does."""

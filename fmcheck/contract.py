@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -101,7 +102,7 @@ def validate(pipeline: Pipeline) -> None:
     batches = pipeline.batches
     if isinstance(batches, (str, bytes)) or not (_is_factory(batches) or hasattr(batches, "__iter__")):
         raise bad("batches", "a re-iterable of batches or a zero-argument callable returning an iterator")
-    if not _is_factory(batches) and iter(batches) is batches:
+    if not _is_factory(batches) and isinstance(batches, Iterator):  # never iter(): a DataLoader would draw RNG
         raise PipelineError(
             "pipeline field 'batches': got an iterator, which is exhausted after one pass; "
             "pass a list, a DataLoader, or a zero-argument callable returning a fresh iterator"
@@ -173,6 +174,23 @@ def load_pipeline(spec: str) -> Pipeline:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
+    with _argv_of(module_name):
+        return _build(spec, module_name, attr)
+
+
+@contextlib.contextmanager
+def _argv_of(module_name: str):
+    """While the user's module is imported and built, sys.argv is what ``python -m module`` with no arguments gives:
+    an argparse call in it must not read fmcheck's own command line (nor print a usage line named fmcheck)."""
+    saved = sys.argv
+    sys.argv = [module_name.rpartition(".")[2] + ".py"]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _build(spec: str, module_name: str, attr: str) -> Pipeline:
     module = _import(module_name)
     target: Any = module
     for part in attr.split("."):
@@ -200,12 +218,20 @@ def load_pipeline(spec: str) -> Pipeline:
 
 
 def _import(module_name: str):
-    try:
-        spec = importlib.util.find_spec(module_name)
-    except (ImportError, ValueError):  # a parent package that is missing or not a package
-        spec = None
-    if spec is None:
-        raise PipelineError(f"--module: no module named '{module_name}' (searched from {os.getcwd()})")
+    # find_spec imports the parent packages: their __init__ is user code and may raise anything.
+    found = capture(importlib.util.find_spec, module_name)
+    parts = module_name.split(".")
+    prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    missing = (isinstance(found.exc, ModuleNotFoundError) and found.exc.name in prefixes) or \
+        isinstance(found.exc, ValueError)  # a parent that is missing or not a package
+    if not found.ok and not missing:
+        parent = module_name.rpartition(".")[0]
+        raise PipelineError(f"--module: importing the package '{parent}' raised {describe(found.exc)}") from found.exc
+    if found.value is None:
+        hint = ""
+        if module_name.endswith(".py"):
+            hint = f"; name the module without '.py': --module {module_name[:-3].replace(os.sep, '.')}:ATTR"
+        raise PipelineError(f"--module: no module named '{module_name}' (searched from {os.getcwd()}){hint}")
     outcome = capture(importlib.import_module, module_name)
     if not outcome.ok:
         raise PipelineError(f"--module: importing '{module_name}' raised {describe(outcome.exc)}") from outcome.exc

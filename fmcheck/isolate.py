@@ -1,8 +1,10 @@
 """The one place that turns arbitrary exceptions into data (as pytest's CallInfo does).
 
 Everything that runs user or plugin code without a verdict of its own goes through :func:`capture`; no other module
-catches broadly. ``KeyboardInterrupt`` and ``SystemExit`` are never swallowed; :class:`CheckTimeout` derives from
-BaseException so that a user's ``except Exception`` cannot swallow it either.
+catches broadly. ``KeyboardInterrupt`` is never swallowed. ``SystemExit`` raised by the code being run (a ``sys.exit``
+in the user's build or step, argparse rejecting fmcheck's own command line) is data like any error: it must not end
+fmcheck silently with the user's exit code (``sys.exit(0)`` in ``build()`` would pass a CI gate).
+:class:`CheckTimeout` derives from BaseException so that a user's ``except Exception`` cannot swallow it.
 """
 
 from __future__ import annotations
@@ -38,17 +40,30 @@ def capture(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Outcome:
     start = time.perf_counter()
     try:
         value = fn(*args, **kwargs)
-    except (Exception, CheckTimeout) as exc:  # the project's single broad catch
+    except (Exception, SystemExit, CheckTimeout) as exc:  # the project's single broad catch
         return Outcome(exc=exc, duration_s=time.perf_counter() - start)
     return Outcome(value=value, duration_s=time.perf_counter() - start)
 
 
 def describe(exc: BaseException) -> str:
     """``ValueError: message (file.py:42)``: the exception and the user-side frame it came from."""
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    if isinstance(exc, SystemExit):
+        text = _describe_exit(exc)
+    else:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     where = origin(exc.__traceback__)
     return f"{text} ({where})" if where else text
+
+
+def _describe_exit(exc: SystemExit) -> str:
+    code = exc.code if exc.code is not None else 0
+    frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
+    if any(os.path.basename(f.filename) == "argparse.py" for f in frames):
+        return (f"SystemExit {code} from argparse: the code parses the command line, and fmcheck gives it none "
+                "(sys.argv is just the module's name); give those arguments defaults, or parse them under "
+                "`if __name__ == '__main__':`")
+    return f"SystemExit: sys.exit({code!r}) was called"
 
 
 def origin(tb: Optional[TracebackType]) -> Optional[str]:

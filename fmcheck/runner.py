@@ -85,8 +85,11 @@ def _error_result(check: type[Check], exc: BaseException, debug: bool, duration:
     elif isinstance(exc, torch.cuda.OutOfMemoryError):
         summary = f"out of accelerator memory ({describe(exc)})"
         hint = "lower the batch size the pipeline yields, or run this check with --device cpu"
-    elif isinstance(exc, PipelineError):
+    elif isinstance(exc, PipelineError):  # the user's data or contract, said in one line: no fmcheck traceback
         summary, hint = str(exc), None
+        if not debug:
+            return CheckResult(id=check.id, title=check.title, verdict=Verdict.ERROR, summary=summary,
+                               duration_s=duration)
     else:
         summary, hint = f"check crashed: {describe(exc)}", "rerun with --debug for the full traceback"
     traceback_text = full_traceback(exc) if debug else short_traceback(exc)
@@ -162,17 +165,29 @@ def _place_modules(pipeline: Pipeline, device) -> dict[int, Any]:
 
 
 def _probe(ctx: Context, settings: Settings) -> None:
-    """Read the first batch and run the step once: a pipeline that cannot do that stops the run with one line."""
+    """Read the batches the measuring checks share and run the step on each: a pipeline that cannot do that stops
+    the run with one line here, instead of as the same crash in every check."""
     with time_limit(settings.timeout):
-        batches = capture(ctx.batches, 1)
-        probe = capture(ctx.outputs, 0) if batches.ok else batches
+        batches = capture(ctx.batches)
+        probe = capture(ctx.all_outputs) if batches.ok else batches
     if probe.ok:
         return
     exc = probe.exc
     if isinstance(exc, UsageError):
         raise exc
-    where = "iterating pipeline field 'batches'" if not batches.ok else "step(batch, step_index=0)"
-    raise PipelineError(f"{where} raised {describe(exc)}") from exc
+    where = "iterating pipeline field 'batches'" if not batches.ok else \
+        f"step(batch, step_index={len(ctx.cached_outputs())})"
+    raise PipelineError(f"{where} raised {describe(exc)}{_step_hint(exc)}") from exc
+
+
+def _step_hint(exc: BaseException) -> str:
+    """The contract's commonest misreading: a step that also trains."""
+    import traceback
+
+    names = {frame.name for frame in traceback.extract_tb(exc.__traceback__)}
+    if "backward" in names or "zero_grad" in names:
+        return "; step() must not call backward() or optimizer.step(): it is one forward, fmcheck trains with it"
+    return ""
 
 
 def _environment(device, seed: int) -> Environment:
@@ -201,7 +216,13 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
     thresholds = {c.id: thresholds_for(c, settings, origins or {}) for c in checks}
     unknown_tables = set(settings.thresholds) - set(registry.checks)
     if unknown_tables:
-        raise UsageError(f"thresholds given for unknown check id '{sorted(unknown_tables)[0]}'")
+        import difflib
+
+        name = sorted(unknown_tables)[0]
+        close = difflib.get_close_matches(name, list(registry.checks), n=1)
+        raise UsageError(f"thresholds given for unknown check id '{name}'"
+                         + (f" (did you mean '{close[0]}'? " if close else " (")
+                         + f"known: {', '.join(sorted(registry.checks))})")
 
     if settings.plot_dir:
         _check_plot_dir(settings.plot_dir)

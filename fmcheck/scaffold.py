@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import UsageError
@@ -79,13 +80,29 @@ TOTAL_STEPS = 100_000  # TODO: the planned length of the run (the KL warmup audi
 
 def write_template(path: str) -> Path:
     target = Path(path)
-    if target.is_dir():
+    if target.is_dir() or path.endswith(("/", os.sep)):  # a folder, existing or to be made
         target = target / "fmcheck_adapter.py"
     if target.suffix != ".py":
-        raise UsageError(f"fmcheck init {path}: the adapter must be a .py file")
+        raise UsageError(f"init {path}: the adapter must be a .py file (or name a folder)")
     if target.exists():
-        raise UsageError(f"fmcheck init: {target} already exists; not overwriting it")
-    if not target.parent.is_dir():
-        raise UsageError(f"fmcheck init: the folder {target.parent} does not exist")
-    target.write_text(TEMPLATE.format(module=target.stem))
+        raise UsageError(f"init: {target} already exists; not overwriting it")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "x") as handle:  # "x": never overwrite, even a file that appeared meanwhile
+            handle.write(TEMPLATE.format(module=target.stem))
+    except OSError as exc:
+        raise UsageError(f"init {path}: cannot write {target} ({exc.strerror or exc})") from exc
     return target
+
+
+def run_hint(target: Path) -> str:
+    """The command that runs fmcheck on a freshly written adapter, from the current folder."""
+    try:
+        relative = target.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return f"cd {target.parent} && fmcheck all --module {target.stem}:build"
+    module = ".".join(relative.with_suffix("").parts)
+    if len(relative.parts) > 1 and not all((Path.cwd() / Path(*relative.parts[:i]) / "__init__.py").exists()
+                                           for i in range(1, len(relative.parts))):
+        return f"cd {target.parent} && fmcheck all --module {target.stem}:build"
+    return f"fmcheck all --module {module}:build"

@@ -93,6 +93,33 @@ CASES = [
      "--plot bad.toml/figures: 'bad.toml' exists and is not a folder"),
     ("negative-samples", "def build():\n    return pipeline()", ["--samples", "0"], 2,
      "setting 'samples': Input should be greater than or equal to 1"),
+    # Found by the audit of 2026-11-30 (rows 22, 45, 46, 53, 64, 65, 78-81, 101 of its table (b)).
+    ("build-calls-sys-exit", "def build():\n    sys.exit(0)", [], 2,
+     "build() raised SystemExit: sys.exit(0) was called ("),
+    ("import-calls-sys-exit", "sys.exit(3)", [], 2, "raised SystemExit: sys.exit(3) was called"),
+    ("batches-iter-raises", "class Shards:\n    def __iter__(self):\n        raise OSError('bucket not mounted')\n"
+                            "def build():\n    return pipeline(batches=Shards())", [], 2,
+     "iterating pipeline field 'batches' raised OSError: bucket not mounted ("),
+    ("batches-raise-after-the-first", "def build():\n    good = tiny.build()['batches']\n"
+                                      "    def gen():\n        yield good[0]\n        raise OSError('corrupt shard 17')\n"
+                                      "    return pipeline(batches=gen)", [], 2,
+     "iterating pipeline field 'batches' raised OSError: corrupt shard 17 ("),
+    ("step-calls-backward", "def build():\n    d = pipeline()\n    s = d['step']\n    def step(b, i):\n"
+                            "        out = s(b, i)\n        out['loss'].backward()\n        return out\n"
+                            "    d['step'] = step\n    return d", [], 2,
+     "step() must not call backward() or optimizer.step()"),
+    ("set-unknown-threshold", "def build():\n    return pipeline()", ["--set", "norms.ratio_wrn=3"], 2,
+     "unknown threshold 'ratio_wrn' for check 'norms' (did you mean 'ratio_warn'?)"),
+    ("set-unknown-check", "def build():\n    return pipeline()", ["--set", "norm.ratio_warn=3"], 2,
+     "thresholds given for unknown check id 'norm' (did you mean 'norms'? known: kl, norms"),
+    ("json-path-missing-folder", "def build():\n    return pipeline()", ["--json", "/nonexistent/out/report.json"],
+     2, "--json /nonexistent/out/report.json: cannot write there (No such file or directory)"),
+    ("json-path-a-folder", "def build():\n    return pipeline()", ["--json", "."], 2,
+     "--json .: is a folder; give a file path"),
+    ("junit-path-missing-folder", "def build():\n    return pipeline()", ["--junit", "/nonexistent/junit.xml"], 2,
+     "--junit /nonexistent/junit.xml: cannot write there"),
+    ("junit-path-not-writable", "def build():\n    return pipeline()", ["--junit", "/proc/junit.xml"], 2,
+     "--junit /proc/junit.xml: cannot write there"),
 ]
 
 
@@ -117,3 +144,52 @@ def test_bad_input(tmp_path, monkeypatch, case, body, args, code, message):
 
 def test_the_catalogue_is_large():
     assert len(CASES) >= 25
+
+
+def test_a_package_whose_init_raises_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "badpkg").mkdir()
+    (tmp_path / "badpkg" / "__init__.py").write_text("raise RuntimeError('set DATA_ROOT first')\n")
+    (tmp_path / "badpkg" / "train.py").write_text("def build():\n    return {}\n")
+    result = CliRunner().invoke(app, ["all", "--module", "badpkg.train:build"], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert "importing the package 'badpkg' raised RuntimeError: set DATA_ROOT first (" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_module_named_as_a_file_gets_the_module_name_suggested(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mytrain.py").write_text("def build():\n    return {}\n")
+    result = CliRunner().invoke(app, ["all", "--module", "mytrain.py:build"], catch_exceptions=False)
+    assert result.exit_code == 2 and "name the module without '.py': --module mytrain:ATTR" in result.output
+
+
+ARGPARSE = """
+import argparse
+parser = argparse.ArgumentParser()
+parser.add_argument("--data", {required})
+args = parser.parse_args()
+import sys
+sys.path.insert(0, {tests!r})
+import tiny
+def build():
+    return tiny.build()
+"""
+
+
+def test_argparse_in_the_users_module_reads_no_fmcheck_arguments(tmp_path, monkeypatch):
+    """argparse at import time sees the module's own name and no arguments, as `python -m mytrain` would; when it
+    requires an argument, the usage line names the user's module, not fmcheck, and fmcheck says what happened."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "opt_args.py").write_text(ARGPARSE.format(required="default='data/'", tests=str(TESTS)))
+    result = CliRunner().invoke(app, ["all", "--module", "opt_args:build", "--only", "norms"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (tmp_path / "req_args.py").write_text(ARGPARSE.format(required="required=True", tests=str(TESTS)))
+    result = CliRunner().invoke(app, ["all", "--module", "req_args:build", "--only", "norms"],
+                                catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert "usage: req_args.py" in result.output and "usage: fmcheck" not in result.output
+    assert "SystemExit 2 from argparse: the code parses the command line, and fmcheck gives it none" in \
+        " ".join(result.output.split())
+    assert "Traceback" not in result.output
