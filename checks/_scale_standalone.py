@@ -56,14 +56,14 @@ def _cached(spec: str) -> Optional[Path]:
     if len(parts) < 2:
         return None
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:]) or None
-    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # reads the cache folder only: never the network
     except ImportError:
         return None
     for sub in ([subfolder] if subfolder else [None, "vae"]):
         try:
-            found = try_to_load_from_cache(repo_id, "config.json", subfolder=sub)
+            # A subfolder goes into the file name: huggingface_hub 1.x has a `subfolder` argument, 2.x does not.
+            found = try_to_load_from_cache(repo_id, f"{sub}/config.json" if sub else "config.json")
         except ValueError:  # not a valid repository id
             return None
         if isinstance(found, str) and Path(found).is_file():

@@ -193,3 +193,30 @@ def test_argparse_in_the_users_module_reads_no_fmcheck_arguments(tmp_path, monke
     assert "SystemExit 2 from argparse: the code parses the command line, and fmcheck gives it none" in \
         " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def test_scale_vae_with_an_id_that_is_not_cached_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    result = CliRunner().invoke(app, ["scale", "--vae", "stabilityai/sd-vae-ft-mse"], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert "no model with this id in the local Hugging Face cache" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_scale_vae_finds_a_cached_id_and_its_vae_subfolder(tmp_path, monkeypatch):
+    """The cache layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    from fmcheck.checks._scale_standalone import locate
+
+    repo = tmp_path / "hub" / "models--org--pipe"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    (snapshot / "vae").mkdir(parents=True)
+    (snapshot / "vae" / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert locate("org/pipe") == snapshot / "vae"
+    assert locate("org/pipe/vae") == snapshot / "vae"
