@@ -68,6 +68,7 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
     from . import distributed
     from .config import load_settings
     from .contract import load_pipeline
+    from .isolate import capture
     from .renderers.console import ProgressDisplay, render
     from .runner import run
 
@@ -79,11 +80,17 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
         rank = distributed.setup(settings.device)
         if rank is not None and settings.device is None:
             settings = settings.model_copy(update={"device": distributed.default_device(rank)})
-        pipeline = load_pipeline(module)
+        loaded = capture(load_pipeline, module)  # (it raises UsageError only: user code runs under its own capture)
+        if not loaded.ok and not isinstance(loaded.exc, UsageError):
+            raise loaded.exc
+        distributed.agree_on_failure(rank, loaded.exc)
+        pipeline = loaded.value
         with ProgressDisplay(human, enabled=rank is None or rank.is_main) as progress:
             report = run(pipeline, settings, only=only, skip=skip, listener=progress, origins=origins,
                          pipeline_name=module, rank=rank)
     except UsageError as exc:
+        if rank is not None and not rank.is_main:  # every rank raised the same error: rank 0 says it
+            raise typer.Exit(int(ExitCode.USAGE)) from None
         raise _fail_usage(exc, debug) from None
     except KeyboardInterrupt:  # during the import, build() or the first step: no check ran, so no report
         from rich.text import Text

@@ -85,6 +85,20 @@ def all_gather(value: Any) -> list[Any]:
     return gathered
 
 
+def agree_on_failure(rank: Optional[Rank], error: Optional[UsageError]) -> None:
+    """Raise the same UsageError on every rank when any rank failed to load or probe the pipeline, so that all ranks
+    exit 2 together instead of one exiting and the others waiting in a collective until torchrun kills them."""
+    if rank is None:
+        if error is not None:
+            raise error
+        return
+    messages = all_gather(None if error is None else str(error))
+    failed = [(index, message) for index, message in enumerate(messages) if message is not None]
+    if failed:
+        index, message = failed[0]
+        raise UsageError(message if index == rank.rank and len(failed) == 1 else f"rank {index}: {message}")
+
+
 def already_sharded(batches: Any) -> bool:
     """A DataLoader with a DistributedSampler already gives each rank its own shard."""
     sampler = getattr(batches, "sampler", None)

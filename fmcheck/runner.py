@@ -233,7 +233,15 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
     results: list[CheckResult] = []
     interrupted = False
     try:
-        _probe(ctx, settings)
+        probed = capture(_probe, ctx, settings)
+        if not probed.ok and not isinstance(probed.exc, UsageError):
+            raise probed.exc
+        if rank is not None:
+            from .distributed import agree_on_failure
+
+            agree_on_failure(rank, probed.exc)
+        elif not probed.ok:
+            raise probed.exc
         snapshot.restore()
 
         failures = [f for f in registry.failures if (not only or f.name in only) and f.name not in skip]

@@ -69,3 +69,43 @@ def test_ranks_check_skips_without_torch_distributed():
     report = run(coerce(tiny.build()), only=["ranks"])
     assert report.check("ranks").verdict is Verdict.SKIP
     assert "not running under torch.distributed" in report.check("ranks").summary
+
+
+ONE_RANK_FAILS = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import tiny
+
+def build():
+    if os.environ.get("RANK") == "1":
+        raise FileNotFoundError("shard list for rank 1")
+    return tiny.build()
+
+def build_step_fails():
+    pipeline = tiny.build()
+    step = pipeline["step"]
+    def failing(batch, index):
+        if os.environ.get("RANK") == "1":
+            raise KeyError("caption")
+        return step(batch, index)
+    pipeline["step"] = failing
+    return pipeline
+"""
+
+
+@pytest.mark.parametrize("attr, message", [("build", "rank 1: --module one_rank:build: build() raised FileNotFoundError"),
+                                           ("build_step_fails", "rank 1: step(batch, step_index=0) raised KeyError")])
+def test_a_pipeline_that_fails_on_one_rank_stops_every_rank_with_one_line(tmp_path, attr, message):
+    """No rank is left waiting in a collective for torchrun to kill: all ranks exit 2, rank 0 says which failed."""
+    (tmp_path / "one_rank.py").write_text(ONE_RANK_FAILS.format(tests=str(ROOT / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fmcheck",
+         "all", "--module", f"one_rank:{attr}", "--only", "norms"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    lines = [line for line in output.splitlines() if line.startswith("fmcheck: error:")]
+    assert len(lines) == 1 and message in lines[0], output
+    assert "Connection closed" not in output and "Traceback" not in output.split("torch/distributed/elastic")[0]
+    assert "exitcode  : 2" in output or "exitcode: 2" in output.replace("  ", " "), output  # torchrun's summary
