@@ -100,6 +100,12 @@ def _check_shapes(raw: Mapping, where: str) -> None:
         if shape != shaped[0][1]:
             raise PipelineError(f"{where} output '{key}' has shape {shape} but '{shaped[0][0]}' has "
                                 f"{shaped[0][1]}; latent-space outputs must agree")
+    t = raw.get("t")
+    if isinstance(t, torch.Tensor) and shaped and shaped[0][1]:
+        samples = shaped[0][1][0]
+        if t.numel() != 1 and (t.dim() == 0 or t.shape[0] != samples):  # (B, frames) is a schedule; (3,) a bug
+            raise PipelineError(f"{where} output 't' has shape {tuple(t.shape)} for {samples} samples "
+                                f"('{shaped[0][0]}' {shaped[0][1]}); expected one time per sample (leading dimension), or one for all")
 
 
 def to_device(value: Any, device: Any) -> Any:

@@ -108,6 +108,9 @@ CASES = [
                             "        out = s(b, i)\n        out['loss'].backward()\n        return out\n"
                             "    d['step'] = step\n    return d", [], 2,
      "step() must not call backward() or optimizer.step()"),
+    ("t-not-one-per-sample", "def build():\n    d = pipeline()\n    s = d['step']\n"
+                             "    d['step'] = lambda b, i: {**s(b, i), 't': torch.rand(3)}\n    return d", [], 2,
+     "output 't' has shape (3,) for 32 samples ('x0' (32, 16)); expected one time per sample (leading dimension), or one for all"),
     ("set-unknown-threshold", "def build():\n    return pipeline()", ["--set", "norms.ratio_wrn=3"], 2,
      "unknown threshold 'ratio_wrn' for check 'norms' (did you mean 'ratio_warn'?)"),
     ("set-unknown-check", "def build():\n    return pipeline()", ["--set", "norm.ratio_warn=3"], 2,
