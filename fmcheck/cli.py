@@ -55,7 +55,10 @@ def _fail_usage(exc: BaseException, debug: bool) -> "typer.Exit":
     console = Console(stderr=True)
     if debug:
         console.print_exception()
-    console.print(f"[bold red]fmcheck: error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    message = str(exc)
+    if message.startswith("fmcheck "):  # "fmcheck init: ..." would read "fmcheck: error: fmcheck init: ..."
+        message = message[len("fmcheck "):]
+    console.print(f"[bold red]fmcheck: error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(int(ExitCode.USAGE))
 
 

@@ -114,9 +114,13 @@ def curve_lines(result: CheckResult) -> list[Text]:
 
 
 def _name_cell(m: Measurement) -> Text:
-    """The measurement's name; an informational one's note (what the number is) follows it, dimmed: it is context,
-    not a bound, so it never sits in the expected column."""
-    return Text.assemble(m.name, (f" ({m.note})", "dim") if m.note else "")
+    """The measurement's name; its note (what the number is; each rank's value under torchrun) under it, dimmed: it
+    is context, not a bound, so it never sits in the expected column."""
+    return Text.assemble(m.name, (f"\n{m.note}", "dim") if m.note else "")
+
+
+def _observed_cell(m: Measurement) -> Text:
+    return Text.assemble(format_value(m.value, m.expected), (f" {m.unit}", "dim") if m.unit else "")
 
 
 def details(result: CheckResult) -> Panel:
@@ -124,11 +128,10 @@ def details(result: CheckResult) -> Panel:
     parts: list = [Text(result.summary)] if result.summary else []
     if result.measurements:
         table = Table(show_edge=False, box=None, pad_edge=False)
-        for column in ("measurement", "observed", "expected", "unit", "verdict"):
-            table.add_column(column, style="dim" if column == "unit" else None)
+        for column in ("measurement", "observed", "expected", "verdict"):
+            table.add_column(column)
         for m in result.measurements:
-            table.add_row(_name_cell(m), format_value(m.value, m.expected), m.expected, m.unit,
-                          verdict_text(m.verdict))
+            table.add_row(_name_cell(m), _observed_cell(m), m.expected, verdict_text(m.verdict))
         parts.append(table)
     if result.hint:
         parts.append(Text.assemble(("fix: ", "bold"), result.hint))
