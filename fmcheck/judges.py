@@ -15,16 +15,22 @@ from .verdict import Verdict
 
 
 MAX_DIGITS = 12
+EXACT_DIGITS = 6
 
 
 def _fmt(x: float, against: Iterable[Optional[float]] = ()) -> str:
-    """``x`` with 4 significant digits, or more where 4 would put it on the other side of (or onto) a number it must
-    be told apart from: the measured value, the other bound, the ideal. ``ratio_warn=1.0001`` shows 0.9999..1.0001,
-    not 0.9999..1."""
+    """A bound as the report prints it: exactly, when it has up to 6 significant digits (thresholds people write:
+    2.00001, not 2); else with 4 significant digits, or more where 4 would put it on the other side of (or onto) a
+    number it must be told apart from: the measured value, the other bound, the ideal. ``ratio_warn=1.0001`` shows
+    0.9999..1.0001, not 0.9999..1."""
     if not _finite(x):
         return str(x)
+    for digits in range(4, EXACT_DIGITS + 1):  # a configured threshold (2.00001, 0.18215) prints as written
+        text = f"{x:.{digits}g}"
+        if float(text) == x:
+            return text
     others = [float(y) for y in against if y is not None and _finite(y) and float(y) != x]
-    for digits in range(4, MAX_DIGITS + 1):
+    for digits in range(4, MAX_DIGITS + 1):  # a derived one (1 / 1.5) with the digits that keep it on its side
         text = f"{x:.{digits}g}"
         shown = float(text)
         if all((shown > y) == (x > y) and (shown < y) == (x < y) for y in others):

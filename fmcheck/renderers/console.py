@@ -30,7 +30,7 @@ def verdict_text(verdict: Optional[Verdict]) -> Text:
     return Text(verdict.value.upper(), style=STYLE[verdict])
 
 
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")  # "0.9999..1.0001" is two numbers
 
 
 def format_value(value: object, expected: str = "") -> str:
