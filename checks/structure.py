@@ -331,7 +331,7 @@ class StructureCheck(Check):
     id = "structure"
     title = "Time conditioning, precision, modes"
     purpose = ("Velocity net's sensitivity to t vs x_t (time dominates / ignored), fp16 without loss scaling, "
-               "frozen modules in train mode.")
+               "frozen modules with dropout / batch-norm active.")
     order = 60
     Thresholds = StructureThresholds
     doc = CheckDoc(
@@ -543,7 +543,10 @@ class StructureCheck(Check):
             f"{p['autocast_device']} autocast {p['autocast_dtype'].replace('torch.', '')}" if p["autocast"]
             else (p["param_dtype"] or "unknown").replace("torch.", ""))
         scaler = "enabled" if p["scaler_enabled"] else ("disabled" if p["scaler"] else "none")
-        measurements.append(flag("fp16 without loss scaling", not unscaled, value=f"{compute}; grad_scaler {scaler}",
+        # the value answers the measurement's question first: "no: float32; ..." must not read as if fp16 were found
+        answer = "yes" if unscaled else "no"
+        measurements.append(flag("fp16 without loss scaling", not unscaled,
+                                 value=f"{answer}: {compute}; grad_scaler {scaler}",
                                  expected="float16 compute needs an enabled grad_scaler", bad=Verdict.WARN))
         if unscaled:
             findings.append((Verdict.WARN, f"fp16 compute ({', '.join(fp16_where)}) without loss scaling "

@@ -267,7 +267,7 @@ def test_balance_not_measured_names_what_is_missing():
 def test_fp16_autocast_without_scaler_warns_and_bf16_or_a_scaler_does_not():
     result = structure(synthetic(autocast=torch.float16))
     fp16 = measurement(result, "fp16 without loss scaling")
-    assert fp16.verdict is Verdict.WARN and "autocast float16" in fp16.value
+    assert fp16.verdict is Verdict.WARN and "autocast float16" in fp16.value and fp16.value.startswith("yes: ")
     assert "GradScaler" in result.hint
 
     scaled = structure(synthetic(autocast=torch.float16, grad_scaler=torch.amp.GradScaler("cpu")))
@@ -278,6 +278,7 @@ def test_fp16_autocast_without_scaler_warns_and_bf16_or_a_scaler_does_not():
 
     bf16 = structure(synthetic(autocast=torch.bfloat16))
     assert measurement(bf16, "fp16 without loss scaling").verdict is Verdict.PASS
+    assert measurement(bf16, "fp16 without loss scaling").value.startswith("no: ")
     assert bf16.verdict is Verdict.PASS, bf16.summary
 
 
