@@ -142,7 +142,9 @@ def posterior_stats(mus: Sequence[Any], logvars: Sequence[Any]) -> dict[str, flo
     ``mu_between_var``: the variance of mu across the samples of each batch (mean over latent dimensions, then over
     batches): 0 when every caption gets the same mu. ``text_share``: that variance over the mean of mu^2, the share
     of mu's energy that differs between captions (scale-free). ``text_signal_ratio``: that variance over the mean
-    sigma^2, how far apart two captions' posteriors are in units of their own spread.
+    sigma^2, how far apart two captions' posteriors are in units of their own spread. ``multi_sample_batches``: how
+    many batches had two or more samples; with none, the between-caption statistics are 0 by construction and say
+    nothing about collapse.
     """
     import torch
 
@@ -168,6 +170,9 @@ def posterior_stats(mus: Sequence[Any], logvars: Sequence[Any]) -> dict[str, flo
     out = dict(zip(names, stats))
     out["logvar_finite"] = bool(out["logvar_finite"])
     out["samples"] = sum(int(m.shape[0]) for m in flat_mu)
+    # batches of two or more samples: only they can show mu varying between captions (a batch of one cannot)
+    out["multi_sample_batches"] = len(spread)
+    out["largest_batch"] = max(int(m.shape[0]) for m in flat_mu)
     out["latent_dims"] = int(flat_mu[0].shape[1])
     out["text_share"] = out["mu_between_var"] / out["mu_energy"] if out["mu_energy"] > 0 else 0.0
     out["text_signal_ratio"] = out["mu_between_var"] / out["sigma2_mean"] if out["sigma2_mean"] > 0 else math.inf

@@ -58,7 +58,9 @@ class NormsCheck(Check):
             "reported too, to tell a large head mean from a large head variance.\n\n"
             "Verdict: the ratio E||x1|| / E||x0||, pass within `ratio_warn` (2x) either way, warn within "
             "`ratio_fail` (3x), fail beyond (the seed's 2-3x rule). A spread of the per-channel std of x1 "
-            "(largest / smallest) above `channel_spread_warn` warns."
+            "(largest / smallest) above `channel_spread_warn` warns. NaN or Inf in x0 or x1 fails with the number "
+            "of samples affected: their norms, and the ratio, are then not defined. The hint says which side is "
+            "off scale; the cause of a mis-scaled x1 is named by `fmcheck scale`, which sees the VAE's own latents."
         ),
         why=(
             "In flow matching the target v* = x1 - x0 (and x_t) mixes both endpoints in absolute units. If x1 is "
@@ -75,8 +77,9 @@ class NormsCheck(Check):
             "r = z1.pow(2).mean().sqrt() / z0.pow(2).mean().sqrt()      # the wrong fix: a ratio correction\n"
             "```\n"
             "fmcheck reports, for the first (SD-style VAE, scaling_factor 0.18215): `E||x1|| / E||x0|| = 5.5: x1 (the "
-            "data latent) is 5.5x larger; v* = x1 - x0 is dominated by it`, with the hint that x1's per-dimension "
-            "RMS times the scaling factor is ~1 (the factor is not applied)."
+            "data latent) is 5.5x larger; v* = x1 - x0 is dominated by it`, with the hint that x1 is the side off "
+            "scale (per-dimension RMS 5.5 where a unit-variance latent has ~1). Which scaling mistake it is, is the "
+            "`scale` check's to name: it compares z1 with the VAE's own latents."
         ),
         fix=(
             "Fix the scale where it is made, not with a ratio correction. For x1: apply the VAE's "
@@ -142,6 +145,7 @@ class NormsCheck(Check):
         # a few small host transfers, after all the device work
         host = {k: v.cpu().tolist() for k, v in stats.items()}
         samples = int(sum(p.numel() for p in norms["x0"]))
+        non_finite = {k: int(sum(int((~torch.isfinite(p)).sum()) for p in norms[k])) for k in ("x0", "x1")}
         observation: dict[str, Any] = {
             "batches": count,
             "samples": samples,
@@ -152,7 +156,7 @@ class NormsCheck(Check):
             "channel_mean": channel[1].cpu().tolist() if channel is not None else None,
             "mu_rms": None,
             "sigma_rms": None,
-            "scaling_factor": _scaling_factor(ctx.pipeline.vae),
+            "non_finite_samples": {k: v for k, v in non_finite.items() if v},
             "distributions": _distributions(latents, {k: torch.cat(norms[k]) for k in latents}, channels),
         }
         if extra is not None:
@@ -163,16 +167,19 @@ class NormsCheck(Check):
     def judge(self, obs: dict[str, Any], th: NormsThresholds) -> Judgement:
         norms = obs["norms"]
         n0, n1 = norms["x0"]["mean"], norms["x1"]["mean"]
+        non_finite = [k for k in ("x0", "x1") if not math.isfinite(norms[k]["mean"])]
         ratio = n1 / n0 if n0 > 0 else math.inf
+        if non_finite:
+            ratio = math.nan  # a ratio of NaN/Inf norms is no measurement of units
         measurements = [ratio_within("E||x1|| / E||x0||", ratio, warn_factor=th.ratio_warn, fail_factor=th.ratio_fail)]
         for key in NORM_KEYS:
             if key in norms:
                 measurements.append(info(f"E{LABELS[key]}", norms[key]["mean"],
-                                         expected=f"per-sample L2 over {obs['dims'][key]} dims"))
+                                         note=f"per-sample L2 over {obs['dims'][key]} dims"))
         for key in NORM_KEYS:
             if key in norms:
                 measurements.append(info(f"per-dim RMS {key}", norms[key]["rms_per_dim"],
-                                         expected="~1 for a unit-variance latent" if key in ("x0", "x1") else ""))
+                                         note="a unit-variance latent has ~1" if key in ("x0", "x1") else ""))
         if obs["mu_rms"] is not None:
             measurements.append(info("per-dim RMS mu", obs["mu_rms"]))
             measurements.append(info("per-dim RMS sigma", obs["sigma_rms"]))
@@ -192,8 +199,18 @@ class NormsCheck(Check):
         judgement = Judgement(measurements=measurements, summary="", details={"samples": obs["samples"],
                                                                                "batches": obs["batches"],
                                                                                "latents": latents})
+        if non_finite:
+            counts = obs.get("non_finite_samples", {})
+            where = ", ".join(f"{k} ({counts[k]} of {obs['samples']} samples)" if k in counts else k
+                              for k in non_finite)
+            judgement.summary = (f"non-finite values (NaN/Inf) in {where}: the norms, and their ratio, are not "
+                                 "defined")
+            judgement.hint = ("Find where the step's x0/x1 turn NaN/Inf (the structure check names the output and "
+                              "batch) and fix that first; the norm ratio is measurable once they are finite.")
+            return judgement
         verdict = judgement.final_verdict()
-        head = f"E||x1|| / E||x0|| = {ratio:.3g} (E||x0|| {n0:.4g}, E||x1|| {n1:.4g}, {obs['samples']} samples)"
+        head = (f"E||x1|| / E||x0|| = {_ratio_text(ratio)} (E||x0|| {n0:.4g}, E||x1|| {n1:.4g}, "
+                f"{obs['samples']} samples)")
         if verdict is Verdict.PASS:
             judgement.summary = f"{head}: z0 and z1 in the same units"
             return judgement
@@ -201,7 +218,7 @@ class NormsCheck(Check):
         if ratio_bad:
             bigger = "x1 (the data latent)" if ratio > 1 else "x0 (the source)"
             factor = max(ratio, 1 / ratio) if ratio > 0 else math.inf
-            judgement.summary = f"{head}: {bigger} is {factor:.3g}x larger; v* = x1 - x0 is dominated by it"
+            judgement.summary = f"{head}: {bigger} is {_larger_text(factor)}; v* = x1 - x0 is dominated by it"
             judgement.hint = _ratio_hint(obs, ratio)
         else:
             judgement.summary = (f"x1 per-channel std spread {spread:.3g}x (stds {obs['channel_std']}); "
@@ -210,6 +227,19 @@ class NormsCheck(Check):
                               "its config: z1 = (z - mean) / std * scaling_factor), or check `fmcheck scale`; do not "
                               "rescale channels by hand-tuned factors.")
         return judgement
+
+
+def _ratio_text(ratio: float) -> str:
+    """The ratio with 3 significant digits, more when 3 would print a ratio that is not 1 as 1."""
+    text = f"{ratio:.3g}"
+    return f"{ratio:.6g}" if text == "1" and ratio != 1 else text
+
+
+def _larger_text(factor: float) -> str:
+    """'5.52x larger', or '0.03% larger' for a factor so close to 1 that 'x' would print '1x larger'."""
+    if factor < 1.1:
+        return f"{(factor - 1) * 100:.2g}% larger"
+    return f"{factor:.3g}x larger"
 
 
 def _channel_stats(parts: list) -> Any:
@@ -295,34 +325,20 @@ def _distributions(values: dict[str, list], norms: dict[str, Any], channels: dic
     return out
 
 
-def _scaling_factor(vae: Any) -> Optional[float]:
-    config = getattr(vae, "config", None)
-    value = getattr(config, "scaling_factor", None) if config is not None else None
-    if value is None and isinstance(config, dict):
-        value = config.get("scaling_factor")
-    return float(value) if isinstance(value, (int, float)) and value > 0 else None
-
-
 def _ratio_hint(obs: dict[str, Any], ratio: float) -> str:
+    """Which side is off scale, in per-dimension RMS, and where the cause is named. The cause of a mis-scaled x1
+    (scaling missing, applied twice, inverted, a config that does not fit the VAE, a shift ignored) is the scale
+    check's to name: it compares z1 with the VAE's own latents, which this check never sees, so nothing here guesses
+    it from the scaling_factor (a guess that assumes raw latents of std 1 contradicts scale whenever they are not)."""
     rms0 = obs["norms"]["x0"]["rms_per_dim"]
     rms1 = obs["norms"]["x1"]["rms_per_dim"]
-    sf = obs["scaling_factor"]
     parts = [f"Per-dimension RMS: x0 {rms0:.3g}, x1 {rms1:.3g} (a unit-variance latent has ~1)."]
     # Which side is off: the one whose per-dimension RMS is farther from 1 on a log scale.
     x1_off = abs(math.log(rms1)) >= abs(math.log(rms0)) if rms0 > 0 and rms1 > 0 else ratio > 1
     if x1_off:
-        cause = "The data latent x1 is off scale: check the VAE scaling (fmcheck scale)."
-        if sf is not None:
-            if abs(math.log(rms1 * sf)) < math.log(1.5):
-                cause = (f"x1's RMS x scaling_factor ({sf:g}) is ~1: the scaling_factor looks NOT applied "
-                         "(z1 = latent * scaling_factor).")
-            elif abs(math.log(rms1 / sf)) < math.log(1.5):
-                cause = (f"x1's RMS / scaling_factor ({sf:g}) is ~1: the scaling_factor looks applied twice "
-                         "(z1 = latent * sf * sf).")
-            elif abs(math.log(rms1 * sf * sf)) < math.log(1.5):
-                cause = (f"x1's RMS x scaling_factor^2 ({sf:g}^2) is ~1: the latent looks divided by the "
-                         "scaling_factor instead of multiplied (z1 = latent / sf).")
-        parts.append(cause)
+        parts.append("The data latent x1 is off scale: `fmcheck scale` compares z1 with the VAE's own latents and "
+                     "names the cause (scaling_factor missing, applied twice or inverted, a config that does not "
+                     "fit this VAE, a shift or per-channel mean ignored).")
     else:
         cause = "The source x0 is off scale: the text head's output (mu, sigma) sets it."
         if obs["mu_rms"] is not None:

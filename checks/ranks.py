@@ -143,9 +143,18 @@ class RanksCheck(Check):
         detail = ""
         if "VAE scaling config" in bad:
             r = bad["VAE scaling config"][0]
-            detail = (f" (scaling_factor {records[r]['vae'].get('scaling_factor')} vs "
-                      f"{reference['vae'].get('scaling_factor')} on rank 0)")
+            detail = (f" (scaling_factor {_short(records[r]['vae'].get('scaling_factor'))} vs "
+                      f"{_short(reference['vae'].get('scaling_factor'))} on rank 0)")
         return Judgement(measurements, "differs from rank 0: " + "; ".join(parts) + detail,
                          hint="load the configuration once and broadcast it; wrap modules in DDP (or broadcast "
                               "rank 0's state dict) before training",
                          verdict=Verdict.FAIL)
+
+
+def _short(value: Any) -> str:
+    """A configured number as people read it (5 significant digits), not Python's repr (0.29191359976754394)."""
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value[:4]) + (", ..." if len(value) > 4 else "") + "]"
+    return str(value)

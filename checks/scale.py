@@ -20,6 +20,8 @@ from fmcheck.judges import at_most, flag, info, ratio_within
 from fmcheck.report import Measurement
 from fmcheck.verdict import Verdict
 
+from ._modes import describe as describe_layers
+
 REPEAT_IMAGES = 16  # images encoded a second time (sample or mean?)
 ROUND_TRIP_IMAGES = 16  # images decoded (round trip, PSNR)
 HALF_PROBE_IMAGES = 4  # images through a half-precision copy of the VAE
@@ -105,8 +107,10 @@ class ScaleCheck(Check):
             "(inverse; multiplies instead of divides; no unscaling; unscales twice; shift not added back). When "
             "`decode` bypasses `vae.decode`, its pixels are compared with the VAE's own decode of the raw latent. "
             "PSNR of decode(encode(x)) against x is reported (the VAE's quality is not this check's verdict).\n"
-            "- **health**: the VAE in eval mode and frozen (parameters with requires_grad warn; parameters in the "
-            "optimizer fail); a float16 probe: a copy of the VAE in float16 encodes and decodes a few images; "
+            "- **health**: the VAE frozen (parameters with requires_grad warn; parameters in the optimizer fail) "
+            "and without mode-dependent layers (dropout p > 0, batch-norm with running statistics, ...: the same "
+            "rule as the `structure` check's modes) active in train mode (warns; a VAE in train mode without any is "
+            "harmless and only reported); a float16 probe: a copy of the VAE in float16 encodes and decodes a few images; "
             "NaN/Inf fails (`half_probe`); the relative error of its latents is reported. The range of the pixels "
             "the VAE receives is reported, with a warning when it looks like [0, 1] or [0, 255] (diffusers VAEs "
             "expect [-1, 1]).\n\n"
@@ -510,8 +514,11 @@ def _health(vae, optimizer) -> dict[str, Any]:
     config = getattr(vae, "config", None)
     force_upcast = config.get("force_upcast") if isinstance(config, dict) else getattr(config, "force_upcast", None)
     dtype = _vae_dtype(vae)
+    from ._modes import active_layers
+
     return {
         "train_mode": len(training),
+        "mode_dependent": active_layers(vae) if hasattr(vae, "modules") else {},
         "requires_grad": sum(p.numel() for p in params if p.requires_grad),
         "in_optimizer": in_optimizer,
         "parameters": sum(p.numel() for p in params),
@@ -750,8 +757,8 @@ class _Judge:
         self.add(Measurement(name="z1 distance from configured transform", value=_num(distance),
                              unit="rel. RMS", expected=f"<= {max(t.map_tolerance, ident.tolerance):.3g}",
                              verdict=verdict))
-        self.add(info("z1 slope / configured slope", _num(slope_ratio), "x", "1"))
-        self.add(info("z1 mean - configured mean", _num(mean_error), "", "0"))
+        self.add(info("z1 slope / configured slope", _num(slope_ratio), "x", "1 when z1 is as configured"))
+        self.add(info("z1 mean - configured mean", _num(mean_error), "", "0 when z1 is as configured"))
         if ident.indistinguishable:
             names = ", ".join(f"{k} ({d:.2g} apart)" for k, d in ident.indistinguishable)
             blind = (f"blind spot: the configured transform ({formula}) is within {2 * ident.tolerance:.2g} of "
@@ -759,7 +766,7 @@ class _Judge:
             self.notes.append(blind)
             self.details["indistinguishable"] = [list(x) for x in ident.indistinguishable]
             self.add(info("indistinguishable conventions", ", ".join(k for k, _ in ident.indistinguishable), "",
-                          "none (blind spot when the configured transform is ~identity)"))
+                          "conventions this data cannot tell from the configured one (a blind spot)"))
 
     # ------------------------------------------------------------------------------------------ configuration
     def _configured(self, once) -> None:
@@ -820,10 +827,11 @@ class _Judge:
             self.notes.append(f"z1 has shape {obs['z1_shape']} and the latent {obs['latent_shape']}: compared by "
                               "overall mean and std only")
         self.add(Measurement(name="z1 source", value=label, expected="posterior sample", verdict=verdict))
-        self.add(info("posterior sigma / latent std", _num(sigma_rel), "", f">= {t.sigma_negligible:g} matters"))
+        self.add(info("posterior sigma / latent std", _num(sigma_rel), "",
+                      f"sample vs mean matters from {t.sigma_negligible:g} (sigma_negligible)"))
         if repeat is not None:
             self.add(info("repeat encode difference", _num(repeat), "rel. RMS",
-                          "> 0 when sampling"))
+                          "0 for the posterior mean, > 0 for a sample"))
 
     # ----------------------------------------------------------------------------------------- round trip
     def _round_trip(self, once) -> None:
@@ -872,7 +880,7 @@ class _Judge:
                              fail=max(t.round_trip_fail, resolution), unit="rel. RMS"))
         if shown is not None:
             slope, offset = shown
-            self.add(info("decode(encode(x)) latent slope", _num(slope), "x raw", "1"))
+            self.add(info("decode(encode(x)) latent slope", _num(slope), "x raw", "1 when decode inverts encode"))
             self.details["round_trip"].update({"slope": slope, "offset": offset})
         if m.verdict is Verdict.PASS:
             return
@@ -931,10 +939,16 @@ class _Judge:
         if m.verdict is not Verdict.PASS:
             self.finding(m.verdict, f"the VAE is not frozen ({h['requires_grad']:,} parameters require grad)",
                          "vae.requires_grad_(False) and encode under torch.no_grad()")
-        m = self.add(flag("VAE submodules in train mode", h["train_mode"] == 0, value=h["train_mode"], expected="0",
-                          bad=Verdict.WARN))
+        # Train mode matters only through layers that behave differently in it (checks/_modes.py, shared with the
+        # structure check so that both say the same of the same VAE).
+        active = h.get("mode_dependent", {})
+        self.add(info("VAE submodules in train mode", h["train_mode"],
+                      note="judged by the mode-dependent layers among them, below"))
+        m = self.add(flag("VAE mode-dependent layers in train mode", not active,
+                          value=describe_layers(active) or "none", expected="none", bad=Verdict.WARN))
         if m.verdict is not Verdict.PASS:
-            self.finding(m.verdict, f"the VAE is in train mode ({h['train_mode']} submodules)", "vae.eval()")
+            self.finding(m.verdict, f"the VAE is in train mode with mode-dependent layers active "
+                         f"({describe_layers(active)}): its latents are noised or use batch statistics", "vae.eval()")
         half = obs["half"]
         if half is not None:
             ok = half["latent_finite"] and half["decode_finite"]
@@ -961,7 +975,7 @@ class _Judge:
                 self.finding(m.verdict, f"the VAE receives pixels in {value}: looks like [0, 1], diffusers VAEs "
                              "expect [-1, 1]", "feed the VAE 2 * x - 1 (and map decoded pixels back with (y + 1) / 2)")
             else:
-                self.add(info("VAE input range", value, "", "-1..1"))
+                self.add(info("VAE input range", value, "", "diffusers VAEs expect -1..1"))
 
     # ----------------------------------------------------------------------------------------------- raw
     def _raw_report(self, once, sigma_rel: float) -> None:

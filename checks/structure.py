@@ -2,8 +2,9 @@
 
 Time: the velocity net is called on the step's own arguments, then with t permuted across the batch and with x_t
 permuted across the batch; the relative output changes say whether time dominates the net or is ignored by it.
-Precision: fp16 compute without loss scaling, x_t in half precision, non-finite step outputs. Modes: frozen modules in
-train mode, with active dropout / batch-norm, or with parameters that require grad.
+Precision: fp16 compute without loss scaling, x_t in half precision, non-finite step outputs. Modes: frozen modules with
+mode-dependent layers (dropout, batch-norm, ...: checks/_modes.py) active in train mode, or with parameters that
+require grad.
 """
 
 from __future__ import annotations
@@ -247,16 +248,12 @@ def _frozen_modules(pipeline) -> dict[str, Any]:
 
 
 def _modes(modules: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    from torch import nn
+    from ._modes import active_layers
 
     state = {}
     for name, module in modules.items():
-        subs = list(module.modules())
-        dropout = sum(1 for s in subs if isinstance(s, nn.modules.dropout._DropoutNd) and s.p > 0 and s.training)
-        norms = sum(1 for s in subs if isinstance(s, nn.modules.batchnorm._NormBase) and s.training
-                    and s.track_running_stats)
         grad = [(n, p.numel()) for n, p in module.named_parameters() if p.requires_grad]
-        state[name] = {"training": bool(module.training), "dropout": dropout, "batchnorm": norms,
+        state[name] = {"training": bool(module.training), "active": active_layers(module),
                        "grad_tensors": len(grad), "grad_elements": int(sum(n for _, n in grad)),
                        "grad_names": [n for n, _ in grad[:3]],
                        "tensors": sum(1 for _ in module.parameters())}
@@ -270,11 +267,11 @@ def _merge_modes(before: dict, after: dict) -> dict:
     for name, first in before.items():
         second = after.get(name, first)
         grad = first if first["grad_tensors"] >= second["grad_tensors"] else second
+        kinds = set(first["active"]) | set(second["active"])
         merged[name] = {**grad, "training": first["training"] or second["training"],
                         "switched_by_step": first["training"] != second["training"],
                         "grad_by_step": first["grad_tensors"] < second["grad_tensors"],
-                        "dropout": max(first["dropout"], second["dropout"]),
-                        "batchnorm": max(first["batchnorm"], second["batchnorm"])}
+                        "active": {k: max(first["active"].get(k, 0), second["active"].get(k, 0)) for k in kinds}}
     return merged
 
 
@@ -334,7 +331,7 @@ class StructureCheck(Check):
     id = "structure"
     title = "Time conditioning, precision, modes"
     purpose = ("Velocity net's sensitivity to t vs x_t (time dominates / ignored), fp16 without loss scaling, "
-               "frozen modules in train mode.")
+               "frozen modules with dropout / batch-norm active.")
     order = 60
     Thresholds = StructureThresholds
     doc = CheckDoc(
@@ -367,9 +364,16 @@ class StructureCheck(Check):
             "needs none. `xt` in half precision (float16/bfloat16) while `x0`/`x1` are float32 warns. Any NaN or "
             "Inf in any step output, over the measuring batches, fails (the key and batch are named).\n\n"
             "**Modes.** The frozen modules (pipeline field `frozen`, plus `vae`), inspected before and after the "
-            "step: a module in train mode warns; active dropout (p > 0) or batch-norm layers in train mode inside "
-            "them warn (even under an eval parent); parameters with requires_grad=True warn (named and counted; "
-            "the `target` check's gradient audit says whether they actually receive gradient)."
+            "step. Train mode matters only through layers whose forward differs in it, so fmcheck looks for those "
+            "in train mode: dropout with p > 0 (`nn.Dropout*`, `AlphaDropout`), normalisation with running "
+            "statistics (`BatchNorm*`, `SyncBatchNorm`, `InstanceNorm` with `track_running_stats`), RNN or "
+            "`MultiheadAttention` dropout > 0, stochastic depth (`DropPath`, `StochasticDepth`, `DropBlock`), and "
+            "any module holding a numeric `*drop*` probability > 0 (attention layers that apply dropout only in "
+            "training). Any such layer active in a frozen module warns, whether the module itself is in train "
+            "mode or its parent is in eval; a frozen module in train mode without any is reported in the summary "
+            "and measurements, not warned about (diffusers' AutoencoderKL: dropout p = 0, GroupNorm). Parameters "
+            "with requires_grad=True warn (named and counted; the `target` check's gradient audit says whether "
+            "they actually receive gradient)."
         ),
         why=(
             "The seed's gotchas beyond scale, target and KL. A sinusoidal/MLP time embedding with too large an "
@@ -425,8 +429,9 @@ class StructureCheck(Check):
             "Autocast entered inside the velocity module's own forward is seen only through v_pred's dtype.",
             "x_t built in half precision and cast back to float32 has float32 dtype; the `target` check's path fit "
             "sees its rounding error instead.",
-            "Train mode of a frozen module is reported whether or not it changes its output (a VAE without "
-            "dropout or batch-norm behaves the same), since a module may branch on self.training.",
+            "A frozen module whose own forward branches on self.training (rather than through one of the layers "
+            "above) is not seen: such a branch cannot be told from a harmless one (diffusers calls .contiguous() "
+            "in training) without running both modes.",
         ),
     )
 
@@ -538,7 +543,10 @@ class StructureCheck(Check):
             f"{p['autocast_device']} autocast {p['autocast_dtype'].replace('torch.', '')}" if p["autocast"]
             else (p["param_dtype"] or "unknown").replace("torch.", ""))
         scaler = "enabled" if p["scaler_enabled"] else ("disabled" if p["scaler"] else "none")
-        measurements.append(flag("fp16 without loss scaling", not unscaled, value=f"{compute}; grad_scaler {scaler}",
+        # the value answers the measurement's question first: "no: float32; ..." must not read as if fp16 were found
+        answer = "yes" if unscaled else "no"
+        measurements.append(flag("fp16 without loss scaling", not unscaled,
+                                 value=f"{answer}: {compute}; grad_scaler {scaler}",
                                  expected="float16 compute needs an enabled grad_scaler", bad=Verdict.WARN))
         if unscaled:
             findings.append((Verdict.WARN, f"fp16 compute ({', '.join(fp16_where)}) without loss scaling "
@@ -574,29 +582,33 @@ class StructureCheck(Check):
 
     @staticmethod
     def _judge_modes(obs, measurements, findings) -> None:
+        from ._modes import describe
+
         modes = obs["modes"]
         if not modes:
-            measurements.append(info("frozen modules", "none declared", expected="pipeline fields 'frozen', 'vae'"))
+            measurements.append(info("frozen modules", "none declared", note="pipeline fields 'frozen', 'vae'"))
             return
+        # Train mode matters only through layers that behave differently in it (checks/_modes.py says which): a
+        # frozen module in train mode without any is reported, not warned about.
         training = [n for n, m in modes.items() if m["training"]]
-        switched = [n for n in training if modes[n]["switched_by_step"]]
-        measurements.append(flag("frozen modules in train mode", not training, value=", ".join(training) or "none",
-                                 expected=f"all {len(modes)} in eval", bad=Verdict.WARN))
-        if training:
-            layers = sum(modes[n]["dropout"] + modes[n]["batchnorm"] for n in training)
-            note = " (switched by the step)" if switched else ""
-            names = ", ".join(repr(n) for n in training)
-            findings.append((Verdict.WARN, f"frozen module {names} in train mode{note} ({layers} active "
-                                           "dropout/batch-norm layers)",
+        measurements.append(info("frozen modules in train mode", ", ".join(training) or "none",
+                                 note="judged by their mode-dependent layers, below"))
+        active = {n: m["active"] for n, m in modes.items() if sum(m["active"].values())}
+        measurements.append(flag("mode-dependent layers active in frozen modules", not active,
+                                 value="; ".join(f"{n}: {describe(c)}" for n, c in active.items()) or "none",
+                                 expected="none (dropout, batch-norm... in eval)", bad=Verdict.WARN))
+        for name in training:
+            if name not in active:
+                continue
+            note = " (switched by the step)" if modes[name]["switched_by_step"] else ""
+            findings.append((Verdict.WARN, f"frozen module '{name}' in train mode{note} with mode-dependent layers "
+                                           f"active ({describe(active[name])}): its outputs are noised or use batch "
+                                           "statistics",
                              "Call .eval() on frozen modules after any model.train() (and keep them out of it)."))
-        active = {n: m["dropout"] + m["batchnorm"] for n, m in modes.items() if m["dropout"] + m["batchnorm"]}
-        measurements.append(flag("active dropout/batch-norm in frozen modules", not active,
-                                 value=", ".join(f"{n}: {c}" for n, c in active.items()) or "none", expected="none",
-                                 bad=Verdict.WARN))
         quiet = {n: c for n, c in active.items() if n not in training}
         if quiet:
-            findings.append((Verdict.WARN, "active dropout/batch-norm in frozen modules under an eval parent: "
-                                           + ", ".join(f"{n} ({c} layers)" for n, c in quiet.items()),
+            findings.append((Verdict.WARN, "mode-dependent layers in train mode inside frozen modules under an eval "
+                                           "parent: " + ", ".join(f"{n} ({describe(c)})" for n, c in quiet.items()),
                              "Call .eval() on the whole frozen module, not on its parts."))
         grads = {n: m for n, m in modes.items() if m["grad_tensors"]}
         count = sum(m["grad_tensors"] for m in grads.values())
@@ -628,5 +640,15 @@ def _quiet_summary(obs: dict[str, Any]) -> str:
     precision = obs["precision"]
     parts.append(f"compute {(precision['autocast_dtype'] or precision['param_dtype'] or '?').replace('torch.', '')}")
     modes = obs["modes"]
-    parts.append(f"{len(modes)} frozen modules in eval, no grad" if modes else "no frozen modules")
+    if modes:
+        training = [n for n, m in modes.items() if m["training"]]
+        state = "in eval" if not training else (
+            f"{', '.join(training)} in train mode without mode-dependent layers (harmless)")
+        parts.append(f"{_plural(len(modes), 'frozen module')} {state}, no grad")
+    else:
+        parts.append("no frozen modules")
     return "; ".join(parts)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word if count == 1 else word + 's'}"

@@ -22,8 +22,9 @@ class PreflightError(RuntimeError):
         for check in bad:
             lines.append(f"  {check.id}: {check.verdict.value.upper()} {check.summary}")
             for m in check.measurements:
-                if m.verdict is not Verdict.PASS:
-                    lines.append(f"    {m.name} = {m.value} {m.unit} (expected {m.expected})".rstrip())
+                if m.verdict in (Verdict.WARN, Verdict.FAIL, Verdict.ERROR):  # judged and not passing
+                    expected = f" (expected {m.expected})" if m.expected else ""
+                    lines.append(f"    {m.name} = {m.value} {m.unit}".rstrip() + expected)
             if check.hint:
                 lines.append(f"    fix: {check.hint}")
         super().__init__("\n".join(lines))

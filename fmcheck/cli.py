@@ -56,8 +56,11 @@ def _fail_usage(exc: BaseException, debug: bool) -> "typer.Exit":
     console = Console(stderr=True)
     if debug:
         console.print_exception()
+    message = str(exc)
+    if message.startswith("fmcheck "):  # "fmcheck init: ..." would read "fmcheck: error: fmcheck init: ..."
+        message = message[len("fmcheck "):]
     # The message is the user's text (paths, [table] names): never read as markup.
-    console.print(Text.assemble(("fmcheck: error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
+    console.print(Text.assemble(("fmcheck: error: ", "bold red"), message), highlight=False, soft_wrap=True)
     return typer.Exit(int(ExitCode.USAGE))
 
 

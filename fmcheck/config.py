@@ -51,7 +51,7 @@ class Settings(BaseModel):
             return None
         base, _, index = value.partition(":")
         if base not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
-            raise ValueError(f"expected cpu, cuda or cuda:N, got {value!r}")
+            raise ValueError("expected cpu, cuda or cuda:N")  # the caller appends "(got 'gpu')"
         return value
 
 

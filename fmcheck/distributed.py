@@ -2,8 +2,9 @@
 
 fmcheck uses torch.distributed itself (gloo on CPU, NCCL on CUDA): an existing process group is reused, otherwise one
 is created from torchrun's environment. Every rank runs every check on its own shard of batches; the reports are
-gathered with ``all_gather_object`` and merged identically on every rank (worst verdict, mean of each number, the
-per-rank values kept in ``details["ranks"]``), so every rank exits with the same code. Only rank 0 renders and writes.
+gathered with ``all_gather_object`` and merged identically on every rank (the worst verdict, shown through the rank
+that had it: its own summary, hint and numbers; every rank's values listed beside them and kept in
+``details["ranks"]``), so every rank exits with the same code. Only rank 0 renders and writes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any, Optional
 
 from .errors import UsageError
 from .report import CheckResult, Measurement, Report, exit_code_for, overall_verdict
-from .verdict import Verdict
 
 
 @dataclass(frozen=True)
@@ -105,29 +105,45 @@ def already_sharded(batches: Any) -> bool:
     return (getattr(sampler, "num_replicas", 1) or 1) > 1
 
 
-def _merge_measurement(per_rank: list[Measurement]) -> Measurement:
-    values = [m.value for m in per_rank]
-    numeric = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if len(numeric) == len(values):
-        value: Any = float(sum(numeric) / len(numeric))
-    else:
-        value = values[0] if all(v == values[0] for v in values) else "differs across ranks"
-    return per_rank[0].model_copy(update={"value": value, "verdict": Verdict.worst(m.verdict for m in per_rank)})
+def _shown(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _with_ranks(m: Measurement, values: list[Any]) -> Measurement:
+    """The shown rank's measurement, unchanged (its value, bound and verdict belong together), with every rank's
+    value in its note when they differ."""
+    if all(v == values[0] for v in values):
+        return m
+    listing = "per rank: " + ", ".join(_shown(v) for v in values)
+    return m.model_copy(update={"note": f"{m.note}; {listing}" if m.note else listing})
 
 
 def _merge_check(per_rank: list[CheckResult]) -> CheckResult:
-    worst = max(range(len(per_rank)), key=lambda r: per_rank[r].verdict.severity)
+    """One row for a check run on every rank: the worst verdict, shown through the rank that had it.
+
+    The row is that rank's own result (summary, hint, numbers and their verdicts): a mean over ranks would be a value
+    no rank measured (the mean of two configured scaling factors) and would not match the summary's numbers. Every
+    rank's value of each measurement is listed in its note and kept in ``details["ranks"]``.
+    """
+    worst = max(range(len(per_rank)), key=lambda r: (per_rank[r].verdict.severity, -r))
     base = per_rank[worst]
-    summary = base.summary
-    if len({r.verdict for r in per_rank}) > 1:
-        summary = f"rank {worst}: {summary}"
-    measurements = base.measurements
-    names = [[m.name for m in r.measurements] for r in per_rank]
+    world = len(per_rank)
+    verdicts = [r.verdict for r in per_rank]
+    if all(r.summary == base.summary for r in per_rank):
+        summary = base.summary  # computed from gathered data (the ranks check), or the same on every rank
+    elif len(set(verdicts)) > 1:
+        others = ", ".join(f"rank {r} {v.value}" for r, v in enumerate(verdicts) if r != worst)
+        summary = f"rank {worst} of {world} ({others}): {base.summary}"
+    else:
+        summary = f"all {world} ranks {base.verdict.value}; rank {worst}: {base.summary}"
+    by_name = [{m.name: m.value for m in r.measurements} for r in per_rank]
+    shared = [m.name for m in base.measurements if all(m.name in names for names in by_name)]
+    measurements = [_with_ranks(m, [names[m.name] for names in by_name]) if m.name in shared else m
+                    for m in base.measurements]
     details = dict(base.details)
-    if all(n == names[0] for n in names):
-        measurements = [_merge_measurement([r.measurements[i] for r in per_rank]) for i in range(len(names[0]))]
-        details["ranks"] = {m.name: [r.measurements[i].value for r in per_rank]
-                            for i, m in enumerate(per_rank[0].measurements)}
+    details["ranks"] = {name: [names[name] for names in by_name] for name in shared}
+    details["rank_verdicts"] = [v.value for v in verdicts]
+    details["shown_rank"] = worst
     return base.model_copy(update={"summary": summary, "measurements": measurements, "details": details,
                                    "duration_s": max(r.duration_s for r in per_rank)})
 

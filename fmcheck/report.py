@@ -14,7 +14,12 @@ Value = Union[bool, int, float, str, None]
 
 
 class Measurement(BaseModel):
-    """One number behind a verdict: what was observed, in which unit, against which expectation."""
+    """One number in a check's report: what was observed, in which unit.
+
+    Either judged: ``verdict`` is what ``value`` says against the bound in ``expected`` (the judges helpers compute
+    both). Or informational: ``verdict`` is None (JSON null) and ``expected`` is empty; ``note`` then says what the
+    number is (how it was computed, what it is for), never a bound it is held to.
+    """
 
     # NaN and Inf are findings, not missing data: keep them visible in JSON.
     model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings")
@@ -23,7 +28,12 @@ class Measurement(BaseModel):
     value: Value
     unit: str = ""
     expected: str = ""
-    verdict: Verdict = Verdict.PASS
+    verdict: Optional[Verdict] = None
+    note: str = ""
+
+    @property
+    def judged(self) -> bool:
+        return self.verdict is not None
 
 
 class CheckResult(BaseModel):

@@ -251,12 +251,14 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
         listener.run_started(checks)
         for index, check in enumerate(checks):
             listener.check_started(check.id, check.title)
+            started = time.perf_counter()
             try:
                 result = run_check(check, ctx, thresholds[check.id], snapshot)
             except KeyboardInterrupt:
                 interrupted = True
                 result = CheckResult(id=check.id, title=check.title, verdict=Verdict.ERROR,
-                                     summary="interrupted (Ctrl-C); state restored")
+                                     summary="interrupted (Ctrl-C); state restored",
+                                     duration_s=time.perf_counter() - started)  # the time it ran, not 0
             if settings.strict:
                 result = _promote_strict(result)
             results.append(result)

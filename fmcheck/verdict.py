@@ -18,8 +18,8 @@ class Verdict(str, enum.Enum):
 
     @staticmethod
     def worst(verdicts) -> "Verdict":
-        """The most severe verdict; PASS for an empty sequence."""
-        return max(verdicts, key=lambda v: v.severity, default=Verdict.PASS)
+        """The most severe verdict; PASS for an empty sequence. None (an informational measurement) is no verdict."""
+        return max((v for v in verdicts if v is not None), key=lambda v: v.severity, default=Verdict.PASS)
 
 
 # SKIP sits with PASS: a skipped check proves nothing, but it is not a finding.

@@ -306,14 +306,14 @@ def test_the_probe_reports_a_logvar_no_module_produces():
 
 # -- the check end to end ---------------------------------------------------------------------------------------
 def build(bound="clamp", kl_sign=1.0, kl_half=0.5, warmup=True, kl_weight=0.1, collapse=False, head="tuple",
-          total_steps=1000, outputs_drop=(), kl_reduce="mean", weight_as_tensor=False):
+          total_steps=1000, outputs_drop=(), kl_reduce="mean", weight_as_tensor=False, batch_size=16):
     torch.manual_seed(0)
     head_module, style = HEADS[head]()
     velocity = nn.Sequential(nn.Linear(D + 8, 32), nn.SiLU(), nn.Linear(32, D))
     gen = torch.Generator().manual_seed(0)
     q_all = torch.randn(64, 8, generator=gen)
     x1_all = torch.randn(64, *LATENT, generator=gen)
-    batches = [{"q": q_all[i:i + 16], "x1": x1_all[i:i + 16]} for i in range(0, 64, 16)]
+    batches = [{"q": q_all[i:i + batch_size], "x1": x1_all[i:i + batch_size]} for i in range(0, 64, batch_size)]
     inner = make_step(head_module, lambda xt, q: velocity(torch.cat([xt.flatten(1), q], 1)), style, bound,
                       head_input=torch.zeros_like if collapse else (lambda q: q))
 
@@ -424,6 +424,17 @@ def test_a_weighted_kl_that_dominates_the_fm_loss_fails():
     ratio = measurement(result, "weighted KL / fm_loss")
     assert ratio.verdict is Verdict.FAIL and ratio.value > 100
     assert "dominates" in result.summary
+
+
+@pytest.mark.parametrize("collapse", [False, True])
+def test_batches_of_one_caption_give_no_collapse_verdict_and_say_what_would(collapse):
+    # One sample per batch: mu cannot differ between captions of a batch, so a share of 0 proves nothing.
+    result = check(build(batch_size=1, collapse=collapse))
+    assert "collapse" not in result.summary, result.summary
+    share = measurement(result, "share of mu varying between captions")
+    assert share.verdict is None and share.value == "not measurable"
+    assert "two or more captions" in share.note
+    assert result.verdict is Verdict.PASS, result.summary
 
 
 def test_a_head_that_ignores_the_text_warns_as_collapsed():

@@ -66,7 +66,7 @@ def test_json_to_stdout_is_the_pydantic_model_and_round_trips(tmp_path):
     assert set(data["environment"]) >= {"python", "torch", "device", "seed"}
     ratio = next(c for c in data["checks"] if c["id"] == "t_ratio")
     assert set(ratio) >= {"id", "verdict", "summary", "measurements", "hint", "duration_s"}
-    assert set(ratio["measurements"][0]) == {"name", "value", "unit", "expected", "verdict"}
+    assert set(ratio["measurements"][0]) == {"name", "value", "unit", "expected", "verdict", "note"}
     report = Report.model_validate(data)
     assert json.loads(report.model_dump_json()) == data
 

@@ -217,3 +217,25 @@ def test_compare_command_usage_errors(digits_reports, tmp_path):
         assert result.returncode == 2, result.stdout + result.stderr
         assert str(bad.name) in result.stderr and words in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_at_80_columns_field_names_wrap_and_stay_distinct():
+    import io
+
+    from rich.console import Console
+
+    from fmcheck.renderers.compare import render_comparison
+
+    other = changed("vae.config.latents_mean", [0.1, 0.2, 0.3, 0.4])
+    other = changed("vae.config.latents_std", [1.1, 1.2, 1.3, 1.4], base=other)
+    other = changed("vae.config.block_out_channels", [8, 16, 64], base=other)
+    comparison = fp.compare(BASE, other)
+    out = io.StringIO()
+    render_comparison(comparison, "./out/a-rather-long-folder-name/tinyfp.json", "./out/b/tinyfp.json",
+                      Console(file=out, width=80, color_system=None), show_all=True)
+    text = out.getvalue()
+    assert "…" not in text.replace("ab" * 8 + "…", "")  # nothing truncated but the shortened hash
+    flat = "".join(text.split())  # wrapped cells, read back without the wrapping
+    for field in ("vae.config.latents_mean", "vae.config.latents_std", "vae.config.block_out_channels"):
+        assert field in flat.replace("│", "")
+    assert "A: ./out/a-rather-long-folder-name/tinyfp.json" in text

@@ -53,12 +53,22 @@ def _report(verdict: Verdict, value: float, summary: str) -> Report:
                   checks=[check])
 
 
-def test_merge_takes_the_worst_verdict_names_its_rank_and_keeps_each_value():
+def test_merge_shows_the_worst_rank_with_its_own_numbers_and_lists_each_rank():
     merged = merge([_report(Verdict.PASS, 1.0, "fine"), _report(Verdict.FAIL, 5.0, "ratio 5")])
     check = merged.checks[0]
-    assert check.verdict is Verdict.FAIL and check.summary == "rank 1: ratio 5"
-    assert check.measurements[0].value == 3.0 and check.details["ranks"]["ratio"] == [1.0, 5.0]
+    assert check.verdict is Verdict.FAIL and check.summary == "rank 1 of 2 (rank 0 pass): ratio 5"
+    # the shown rank's own value and verdict (no mean: 3.0 is a value no rank measured), every rank's value listed
+    ratio = check.measurements[0]
+    assert ratio.value == 5.0 and ratio.verdict is Verdict.FAIL and ratio.note == "per rank: 1, 5"
+    assert check.details["ranks"]["ratio"] == [1.0, 5.0] and check.details["shown_rank"] == 1
     assert merged.exit_code == 1 and merged.environment.world_size == 2
+
+
+def test_merge_of_agreeing_ranks_keeps_one_summary():
+    same = merge([_report(Verdict.PASS, 1.0, "fine"), _report(Verdict.PASS, 1.0, "fine")]).checks[0]
+    assert same.summary == "fine" and same.measurements[0].note == ""
+    differ = merge([_report(Verdict.PASS, 1.0, "fine 1"), _report(Verdict.PASS, 1.2, "fine 1.2")]).checks[0]
+    assert differ.summary == "all 2 ranks pass; rank 0: fine 1" and differ.measurements[0].value == 1.0
 
 
 def test_ranks_check_skips_without_torch_distributed():

@@ -33,11 +33,15 @@ def _status(row: FieldComparison) -> Text:
 
 
 def comparison_table(comparison: Comparison, name_a: str, name_b: str, show_all: bool = False) -> Table:
-    table = Table(title="latent-space fingerprints", title_justify="left", show_lines=False)
-    table.add_column("field", style="bold")
-    table.add_column(f"A: {name_a}", overflow="fold")
-    table.add_column(f"B: {name_b}", overflow="fold")
-    table.add_column("")
+    # Narrow terminals wrap (fold) every cell, never truncate it: two field names cut to the same prefix
+    # ("vae.config.latents_…") would make their rows indistinguishable. The report paths are in the title, not in
+    # the column headers, where a long path broke the header over several lines.
+    table = Table(title=f"latent-space fingerprints\nA: {name_a}\nB: {name_b}", title_justify="left",
+                  show_lines=False)
+    table.add_column("field", style="bold", overflow="fold")
+    table.add_column("A", overflow="fold")
+    table.add_column("B", overflow="fold")
+    table.add_column("", overflow="fold")
     rows = comparison.rows if show_all else comparison.differences
     for row in sorted(rows, key=lambda r: (not (r.differs and r.decisive), not r.differs, r.field)):
         table.add_row(row.field, format_fingerprint_value(row.field, row.a), format_fingerprint_value(row.field, row.b),

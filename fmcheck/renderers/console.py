@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Optional
 
 from rich.console import Console, Group
@@ -22,24 +24,36 @@ STYLE = {
 }
 
 
-def verdict_text(verdict: Verdict) -> Text:
+def verdict_text(verdict: Optional[Verdict]) -> Text:
+    if verdict is None:  # an informational measurement: no verdict of its own
+        return Text("info", style="dim")
     return Text(verdict.value.upper(), style=STYLE[verdict])
 
 
-def format_value(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")  # "0.9999..1.0001" is two numbers
+
+
+def format_value(value: object, expected: str = "") -> str:
+    """A float with 4 significant digits, or more where 4 would print it as one of the bounds in ``expected`` while
+    it is not equal to it (1.0002 against 0.9999..1.0001 must not read as 1)."""
+    if not isinstance(value, float):
+        return str(value)
+    bounds = [float(n) for n in _NUMBER.findall(expected)] if expected and math.isfinite(value) else []
+    for digits in range(4, 13):
+        text = f"{value:.{digits}g}"
+        if all(text != f"{b:.{digits}g}" or b == value for b in bounds):
+            return text
+    return repr(value)
 
 
 def _measurement_line(m: Measurement) -> str:
-    return f"{m.name} {format_value(m.value)}{(' ' + m.unit) if m.unit else ''}"
+    return f"{m.name} {format_value(m.value, m.expected)}{(' ' + m.unit) if m.unit else ''}"
 
 
 def headline(result: CheckResult, count: int = 3) -> str:
     """The numbers that decided the verdict first, then the first others."""
-    decisive = [m for m in result.measurements if m.verdict is not Verdict.PASS]
-    rest = [m for m in result.measurements if m.verdict is Verdict.PASS]
+    decisive = [m for m in result.measurements if m.verdict in (Verdict.WARN, Verdict.FAIL, Verdict.ERROR)]
+    rest = [m for m in result.measurements if m not in decisive]
     return "\n".join(_measurement_line(m) for m in (decisive + rest)[:count])
 
 
@@ -99,21 +113,32 @@ def curve_lines(result: CheckResult) -> list[Text]:
     return lines
 
 
+def _name_cell(m: Measurement) -> Text:
+    """The measurement's name; its note (what the number is; each rank's value under torchrun) under it, dimmed: it
+    is context, not a bound, so it never sits in the expected column."""
+    return Text.assemble(m.name, (f"\n{m.note}", "dim") if m.note else "")
+
+
+def _observed_cell(m: Measurement) -> Text:
+    return Text.assemble(format_value(m.value, m.expected), (f" {m.unit}", "dim") if m.unit else "")
+
+
 def details(result: CheckResult) -> Panel:
-    parts: list = []
+    # The title is short (id and verdict): a summary in the title is cut mid-sentence at the panel's width.
+    parts: list = [Text(result.summary)] if result.summary else []
     if result.measurements:
         table = Table(show_edge=False, box=None, pad_edge=False)
-        for column in ("measurement", "observed", "expected", "unit", "verdict"):
-            table.add_column(column, style="dim" if column == "unit" else None)
+        for column in ("measurement", "observed", "expected", "verdict"):
+            table.add_column(column)
         for m in result.measurements:
-            table.add_row(m.name, format_value(m.value), m.expected, m.unit, verdict_text(m.verdict))
+            table.add_row(_name_cell(m), _observed_cell(m), m.expected, verdict_text(m.verdict))
         parts.append(table)
     if result.hint:
         parts.append(Text.assemble(("fix: ", "bold"), result.hint))
     if result.error:
         parts.append(Text(result.error, style="dim"))
     parts.extend(curve_lines(result))
-    title = Text.assemble((result.id, "bold"), " ", verdict_text(result.verdict), " ", result.summary)
+    title = Text.assemble((result.id, "bold"), " ", verdict_text(result.verdict))
     return Panel(Group(*parts) if parts else Text(""), title=title, title_align="left",
                  border_style=STYLE[result.verdict].replace("bold ", ""))
 
@@ -151,6 +176,7 @@ class ProgressDisplay:
                                  transient=True, disable=not enabled)
         self.enabled = enabled
         self.task: Optional[int] = None
+        self.rank: Optional[tuple[int, int]] = None
 
     def __enter__(self) -> "ProgressDisplay":
         self.progress.start()
@@ -160,7 +186,11 @@ class ProgressDisplay:
         self.progress.stop()
 
     def run_started(self, checks) -> None:
-        pass
+        self.rank = process_rank()
+        if self.enabled and self.rank is not None:
+            rank, world = self.rank
+            self.progress.console.print(Text(f"live lines: rank {rank}'s own results; the table at the end merges "
+                                             f"all {world} ranks (worst verdict)", style="dim"))
 
     def check_started(self, check_id: str, title: str) -> None:
         self.task = self.progress.add_task(f"{check_id}: {title}", total=None, info="")
@@ -175,4 +205,29 @@ class ProgressDisplay:
             self.progress.remove_task(self.task)
             self.task = None
         if self.enabled:
-            self.progress.console.print(Text.assemble(verdict_text(result.verdict), f" {result.id}  {result.summary}"))
+            self.progress.console.print(live_line(result, self.rank))
+
+
+def live_line(result: CheckResult, rank: Optional[tuple[int, int]] = None) -> Table:
+    """``VERDICT id  summary``, the summary wrapped in its own column: in a piped log a continuation line is indented
+    under the summary instead of starting at column 0 like a log line of its own. Under torchrun the line is labelled
+    with the rank it comes from: it is that rank's verdict, before the merge."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(no_wrap=True, style="bold")
+    grid.add_column(ratio=1)
+    label = result.id if rank is None else f"{result.id} (rank {rank[0]})"
+    grid.add_row(verdict_text(result.verdict), label, result.summary)
+    return grid
+
+
+def process_rank() -> Optional[tuple[int, int]]:
+    """(rank, world size) when this process is one of several torch.distributed ranks, else None. Reads an
+    already-imported torch.distributed only: the renderer never imports torch."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    world = dist.get_world_size()
+    return (dist.get_rank(), world) if world > 1 else None

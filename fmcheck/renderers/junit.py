@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from ..report import Report
+from ..report import Measurement, Report
 from ..verdict import Verdict
 
 
 def _text(value: object) -> str:
     # ElementTree escapes markup; control characters are not valid XML 1.0 at all, so drop them.
     return "".join(ch for ch in str(value) if ch in "\t\n\r" or ord(ch) >= 0x20)
+
+
+def _property(m: Measurement) -> str:
+    """``value unit (expected BOUND; verdict)`` for a judged measurement; ``value unit (info: note)`` for an
+    informational one, which carries no verdict (no "pass")."""
+    value = f"{m.value} {m.unit}".strip()
+    if m.verdict is None:
+        return f"{value} (info{': ' + m.note if m.note else ''})"
+    expected = f"expected {m.expected}; " if m.expected else ""
+    return f"{value} ({expected}{m.verdict.value})"
 
 
 def to_junit(report: Report) -> str:
@@ -35,12 +45,9 @@ def to_junit(report: Report) -> str:
         props = ET.SubElement(case, "properties")
         ET.SubElement(props, "property", {"name": "verdict", "value": check.verdict.value})
         for m in check.measurements:
-            value = f"{m.value} {m.unit}".strip()
-            if m.expected:
-                value += f" (expected {m.expected}; {m.verdict.value})"
-            ET.SubElement(props, "property", {"name": _text(m.name), "value": _text(value)})
+            ET.SubElement(props, "property", {"name": _text(m.name), "value": _text(_property(m))})
         body = "\n".join(
-            [f"{m.name}: {m.value} {m.unit} expected {m.expected} -> {m.verdict.value}" for m in check.measurements]
+            [f"{m.name}: {_property(m)}" for m in check.measurements]
             + ([f"fix: {check.hint}"] if check.hint else [])
             + ([check.error] if check.error else [])
         )
