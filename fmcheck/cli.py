@@ -91,6 +91,14 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
         with ProgressDisplay(human, enabled=rank is None or rank.is_main) as progress:
             report = run(pipeline, settings, only=only, skip=skip, listener=progress, origins=origins,
                          pipeline_name=module, rank=rank)
+        unwritten = None
+        if rank is None or rank.is_main:  # rank 0 alone renders and writes; every rank exits alike
+            render(report, human)
+            unwritten = _write_reports(report, json_path, junit, debug)
+        # The other ranks wait for those files: one that exits non-zero first has torchrun kill rank 0 mid-write.
+        distributed.barrier(rank)
+        if unwritten is not None:
+            raise unwritten
     except UsageError as exc:
         if rank is not None and not rank.is_main:  # every rank raised the same error: rank 0 says it
             raise typer.Exit(int(ExitCode.USAGE)) from None
@@ -103,10 +111,6 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
         raise typer.Exit(130) from None
     finally:
         distributed.teardown(rank)
-    if rank is not None and not rank.is_main:  # rank 0 alone renders and writes; every rank exits alike
-        raise typer.Exit(report.exit_code)
-    render(report, human)
-    _write_reports(report, json_path, junit, debug)
     raise typer.Exit(report.exit_code)
 
 
@@ -128,8 +132,9 @@ def _check_outputs(json_path: Optional[str], junit: Optional[Path]) -> None:
             target.unlink()
 
 
-def _write_reports(report: Any, json_path: Optional[str], junit: Optional[Path], debug: bool = False) -> None:
-    """--json (a path, or '-' for stdout) and --junit."""
+def _write_reports(report: Any, json_path: Optional[str], junit: Optional[Path],
+                   debug: bool = False) -> Optional["typer.Exit"]:
+    """--json (a path, or '-' for stdout) and --junit; returns the exit to raise when a file could not be written."""
     if json_path == "-":
         sys.stdout.write(report.model_dump_json(indent=2) + "\n")
     outputs: list[tuple[str, Any, Callable[[], str]]] = []
@@ -143,8 +148,8 @@ def _write_reports(report: Any, json_path: Optional[str], junit: Optional[Path],
         try:
             Path(path).write_text(text())
         except OSError as exc:  # checked before the run; the disk or the folder changed since
-            raise _fail_usage(UsageError(f"{option} {path}: cannot write the report ({exc.strerror or exc})"),
-                              debug) from None
+            return _fail_usage(UsageError(f"{option} {path}: cannot write the report ({exc.strerror or exc})"), debug)
+    return None
 
 
 def _version_callback(value: bool) -> None:
@@ -287,7 +292,9 @@ def _execute_scale_vae(vae: str, *, images: Optional[str], resolution: Optional[
     snippet = report.checks[0].details.get("config_snippet") if report.checks else None
     if snippet and report.checks[0].hint != snippet:  # a non-PASS result already shows it as its fix
         human.print(Text(snippet), highlight=False, soft_wrap=True)
-    _write_reports(report, json_path, junit, debug)
+    unwritten = _write_reports(report, json_path, junit, debug)
+    if unwritten is not None:
+        raise unwritten
     raise typer.Exit(report.exit_code)
 
 

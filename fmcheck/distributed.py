@@ -85,6 +85,14 @@ def all_gather(value: Any) -> list[Any]:
     return gathered
 
 
+def barrier(rank: Optional[Rank]) -> None:
+    """Wait for every rank (a no-op outside torchrun)."""
+    if rank is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def agree_on_failure(rank: Optional[Rank], error: Optional[UsageError]) -> None:
     """Raise the same UsageError on every rank when any rank failed to load or probe the pipeline, so that all ranks
     exit 2 together instead of one exiting and the others waiting in a collective until torchrun kills them."""
