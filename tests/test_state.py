@@ -637,3 +637,42 @@ def test_the_console_report_names_the_generators_it_restored(tmp_path):
     done = run_cli("norms", "--module", "loader_case:build", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "random generators restored batches.generator" in done.stdout
+
+
+def test_restores_during_a_run_go_into_the_buffers_a_device_move_created():
+    """Moving a module (--device) re-creates its buffers: the restores between checks write into those, and the
+    final restore, after the move back, puts the user's own buffer objects back."""
+    from fmcheck.state import StateSnapshot
+
+    pipeline = tiny.build()
+    norm = nn.BatchNorm1d(4)
+    norm(torch.randn(16, 4))  # running statistics that are not the initial ones
+    pipeline["frozen"] = {"norm": norm}
+    before = digest(pipeline)
+    original = norm.running_mean
+    snapshot = StateSnapshot(coerce(pipeline))
+    norm._apply(lambda t: t.clone())  # what module.to(another device) does to buffers
+    moved = norm.running_mean
+    assert moved is not original
+    during = snapshot.rebound()
+    norm(torch.randn(16, 4))  # a check runs the module in train mode: statistics move
+    during.restore()
+    assert norm.running_mean is moved and torch.equal(moved, original)
+    snapshot.restore()
+    assert norm.running_mean is original
+    assert changed(before, digest(pipeline)) == []
+
+
+def test_what_the_step_does_outside_the_modules_is_not_undone(tmp_path):
+    """The limits docs/reliability.md states: a list the step appends to, a file it writes, stay as the step left them."""
+    pipeline = tiny.build()
+    step, log = pipeline["step"], []
+
+    def logging_step(batch, index):
+        log.append(index)
+        (tmp_path / "step.log").write_text(f"{index}\n")
+        return step(batch, index)
+
+    pipeline["step"] = logging_step
+    fmcheck.run(pipeline, ["norms"])
+    assert log and (tmp_path / "step.log").exists()
