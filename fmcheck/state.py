@@ -121,7 +121,7 @@ def _generator_kind(value: Any) -> Optional[str]:
 
     if isinstance(value, torch.Generator):
         return "torch"
-    if isinstance(value, random.Random):
+    if isinstance(value, random.Random) and not isinstance(value, random.SystemRandom):  # SystemRandom has no state
         return "python"
     module = type(value).__module__ or ""
     if module.startswith("numpy.random"):
@@ -212,7 +212,7 @@ def _references(name: str, value: Any) -> Iterator[tuple[str, Any, int]]:
             yield f"{name}.<default {index}>", default, 1
         for key, default in (value.__kwdefaults__ or {}).items():
             yield f"{name}.{key}", default, 1
-        for global_name in code.co_names:  # module-level objects the function names
+        for global_name in _global_names(code):  # module-level objects the function names
             if global_name in value.__globals__:
                 yield f"{name}.{global_name}", value.__globals__[global_name], 1
     elif isinstance(value, types.MethodType):
@@ -224,10 +224,10 @@ def _references(name: str, value: Any) -> Iterator[tuple[str, Any, int]]:
             yield f"{name}.<arg {index}>", arg, 1
         for key, arg in value.keywords.items():
             yield f"{name}.{key}", arg, 1
-    elif isinstance(value, Mapping) and not isinstance(value, torch.nn.Module):
+    elif isinstance(value, dict):  # plain containers only: a custom Mapping's items() may load data
         for key, item in itertools.islice(value.items(), _CONTAINER_LIMIT):
             yield f"{name}[{key!r}]", item, 1
-    elif isinstance(value, (list, tuple, set, frozenset)):
+    elif isinstance(value, (list, tuple)):
         for index, item in enumerate(itertools.islice(value, _CONTAINER_LIMIT)):
             yield f"{name}[{index}]", item, 1
     else:
@@ -241,6 +241,15 @@ def _references(name: str, value: Any) -> Iterator[tuple[str, Any, int]]:
         call = getattr(type(value), "__call__", None)
         if isinstance(call, types.FunctionType) and not isinstance(value, torch.nn.Module):
             yield name, call, 1  # a callable object: what its __call__ closes over
+
+
+def _global_names(code: types.CodeType) -> list[str]:
+    """The names a function's code looks up, its comprehensions' and nested functions' included."""
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += [n for n in _global_names(const) if n not in names]
+    return names
 
 
 def _cell_filled(cell: Any) -> bool:

@@ -676,3 +676,37 @@ def test_what_the_step_does_outside_the_modules_is_not_undone(tmp_path):
     pipeline["step"] = logging_step
     fmcheck.run(pipeline, ["norms"])
     assert log and (tmp_path / "step.log").exists()
+
+
+GLOBAL_NOISE = torch.Generator().manual_seed(2)
+
+
+class Trainer:
+    def __init__(self, pipeline):
+        self.inner = pipeline["step"]
+        self.rng = np.random.default_rng(0)
+
+    def step(self, batch, index):
+        return self.inner(batch, index)
+
+
+def test_where_fmcheck_looks_for_generators():
+    """The places docs/reliability.md lists; the process-wide generators and SystemRandom are not private ones."""
+    import functools
+
+    from fmcheck.state import find_generators
+
+    pipeline = tiny.build()
+    velocity = pipeline["trainable"]["velocity"]
+    velocity.dropout_rng = torch.Generator().manual_seed(3)  # a module attribute
+    trainer = Trainer(pipeline)
+    pipeline["step"] = trainer.step  # a bound method: its object's attributes
+    pipeline["encode"] = functools.partial(lambda x, generator: x, generator=random.Random(1))
+
+    def decode(z):
+        return [torch.rand(1, generator=GLOBAL_NOISE) for _ in range(2)]  # a module-level name, in a comprehension
+
+    pipeline["decode"] = decode
+    pipeline["pixels"] = lambda batch, g=torch.default_generator, s=random.SystemRandom(): batch["x1"]
+    names = [found.name for found in find_generators(coerce(pipeline))]
+    assert names == ["step.rng", "encode.generator", "decode.GLOBAL_NOISE", "velocity.dropout_rng"]
