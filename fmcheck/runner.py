@@ -109,9 +109,11 @@ def run_check(check: type[Check], ctx: Context, thresholds: Any, snapshot: State
             reason_outcome = capture(_missing_needs, check, ctx.pipeline, ctx)
             measured = capture(check().measure, ctx) if reason_outcome.ok and reason_outcome.value is None else None
     finally:
-        left = snapshot.leftovers()
-        snapshot.restore()
-        ctx.check_id, ctx.deadline = None, None
+        try:
+            left = snapshot.leftovers()  # before the restore undoes them
+        finally:
+            snapshot.restore()
+            ctx.check_id, ctx.deadline = None, None
     duration = time.perf_counter() - start
     result = _result(check, thresholds, reason_outcome, measured, ctx.settings.debug, duration)
     return _left_behind(result, left) if left else result
