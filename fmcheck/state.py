@@ -9,7 +9,8 @@ after every check (whatever happened inside it) and at the end of the run. What 
   (``Tensor.register_hook``, post-accumulate-grad hooks). And, shallowly, each module object: its class, which
   attributes it has and which objects they hold, which Parameter, buffer and submodule objects it holds, its hook
   dicts (forward, backward, state-dict, ... as the installed torch has them) and its train/eval mode.
-- torch's global module hooks and global optimizer hooks.
+- torch's global module hooks and global optimizer hooks, and its process-wide switches (autograd on or off, the
+  default dtype, deterministic algorithms, anomaly detection, float32 matmul precision, cuDNN and TF32 flags).
 - The optimizer: the same ``param_groups`` list holding the same group dicts (values restored into them, the same
   ``params`` lists), so a group a user holds stays the optimizer's; ``defaults``; the per-parameter ``state``, into the
   same dicts and tensors; its hooks and attributes.
@@ -533,6 +534,7 @@ class StateSnapshot:
         self.optimizer = _OptimizerRecord(pipeline.optimizer) if pipeline.optimizer is not None else None
         self.stateful = [(obj, _offload(obj.state_dict())) for obj in _stateful(pipeline)]
         self.globals = _global_hooks()
+        self.settings = [(name, get, put, get()) for name, get, put in _torch_settings()]
         self.generators = find_generators(pipeline)
         self.generator_states = [(found.generator, _rng_state(found.generator)) for found in self.generators]
         self.python_rng = random.getstate()
@@ -578,6 +580,10 @@ class StateSnapshot:
             if words is not None and isinstance(saved, dict) and isinstance(now, dict) \
                     and any(k not in saved for k in now):
                 found.append(f"left a global {words} ({home.__name__})")
+        for name, get, _, value in self.settings:
+            now = get()
+            if now != value:
+                found.append(f"changed the torch setting {name} from {value} to {now}")
         return found
 
     def tolerate_current_changes(self) -> None:
@@ -615,6 +621,9 @@ class StateSnapshot:
             setattr(home, key, obj)
             if isinstance(saved, (dict, set)):
                 _refill(obj, saved)
+        for _, get, put, value in self.settings:
+            if get() != value:
+                put(value)
         for generator, state in self.generator_states:
             _set_rng_state(generator, state)
         random.setstate(self.python_rng)
@@ -624,6 +633,33 @@ class StateSnapshot:
             tracker.__dict__.update(_copy_tracker_state(saved))
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
+
+
+def _torch_settings() -> list[tuple[str, Any, Any]]:
+    """(name, get, set) of torch's process-wide switches a check could flip and forget: the next check, and the user's
+    training, would run under them."""
+    import torch
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+
+    def flag(owner: Any, attr: str) -> tuple[Any, Any]:
+        return (lambda: getattr(owner, attr)), (lambda value: setattr(owner, attr, value))
+
+    return [
+        ("autograd", torch.is_grad_enabled, torch.set_grad_enabled),
+        ("default dtype", torch.get_default_dtype, torch.set_default_dtype),
+        ("deterministic algorithms",
+         lambda: (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
+         lambda value: torch.use_deterministic_algorithms(value[0], warn_only=value[1])),
+        ("anomaly detection", lambda: (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
+         lambda value: torch.set_anomaly_enabled(*value)),
+        ("float32 matmul precision", torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+        ("cudnn.enabled", *flag(cudnn, "enabled")),
+        ("cudnn.benchmark", *flag(cudnn, "benchmark")),
+        ("cudnn.deterministic", *flag(cudnn, "deterministic")),
+        ("cudnn.allow_tf32", *flag(cudnn, "allow_tf32")),
+        ("cuda.matmul.allow_tf32", *flag(matmul, "allow_tf32")),
+    ]
 
 
 def _stateful(pipeline: Pipeline) -> list[Any]:

@@ -174,6 +174,7 @@ def _misbehave(ctx) -> None:
     velocity.eval()
     for p in pipeline.trainable["head"].parameters():
         p.requires_grad_(False)
+        p.grad = torch.ones_like(p)
     pipeline.optimizer.param_groups[0]["lr"] = 123.0
     random.random(), np.random.rand(), torch.rand(3)
     velocity.net[2].weight = nn.Parameter(torch.zeros_like(velocity.net[2].weight))
@@ -243,11 +244,13 @@ Interrupted = _failing("t_mess_interrupt", _raise(KeyboardInterrupt()))
 
 
 class GlobalHook(Check):
-    id, title, purpose, doc, order = "t_global_hook", "global hook (test)", "leaves a global forward hook", DOC, 3
+    id, title, purpose, doc, order = "t_global_hook", "global hook (test)", "leaves global hooks and switches", DOC, 3
 
     def measure(self, ctx):
         nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
         ctx.pipeline.trainable["head"].net[0].weight.register_hook(lambda grad: grad * 0)
+        torch.set_grad_enabled(False)
+        torch.set_default_dtype(torch.float64)
         return 1.0
 
     def judge(self, obs, th):
@@ -451,15 +454,19 @@ def test_a_check_that_misbehaves_then_fails_is_undone(check, settings, summary):
         assert Observes.seen["hooks"] == 0
 
 
-def test_global_and_tensor_hooks_are_named_and_removed():
+def test_global_hooks_tensor_hooks_and_torch_switches_are_named_and_undone():
     pipeline = tiny.build()
     before = digest(pipeline)
     report = run(coerce(pipeline), registry=registry_of(GlobalHook))
     result = report.check("t_global_hook")
     assert result.verdict is Verdict.ERROR
-    assert "left a global forward hook" in result.summary
-    assert "left a gradient hook on parameter head.net.0.weight" in result.summary
+    left = result.details["left_behind"]
+    assert "left a global forward hook (torch.nn.modules.module)" in left
+    assert "left a gradient hook on parameter head.net.0.weight" in left
+    assert "changed the torch setting autograd from True to False" in left
+    assert "changed the torch setting default dtype from torch.float32 to torch.float64" in left
     assert changed(before, digest(pipeline)) == []
+    assert torch.is_grad_enabled() and torch.get_default_dtype() == torch.float32
 
 
 def test_a_cast_is_undone_bit_for_bit():
