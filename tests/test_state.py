@@ -198,7 +198,8 @@ class Observes(Check):
     """Runs after another check and records what it sees: the user's modules must be as built."""
 
     id, title, purpose, doc, order = "t_observe", "observes (test)", "test-only check that looks at the state", DOC, 9
-    expected: dict = {}
+    pipeline_dict: dict = {}  # set by the test: the user's pipeline dict, for the digest
+    seen: dict = {}  # what measure() saw, for the test to read
 
     def measure(self, ctx):
         velocity = ctx.pipeline.trainable["velocity"]
