@@ -145,8 +145,12 @@ def batch_size(batch: Any) -> Optional[int]:
 
 
 class Context:
-    def __init__(self, pipeline: Pipeline, settings: Settings, device: Any, listener: Any = None, rank: Any = None):
+    def __init__(self, pipeline: Pipeline, settings: Settings, device: Any, listener: Any = None, rank: Any = None,
+                 generators: Optional[list] = None):
         self.pipeline = pipeline
+        # The private random generators reachable from the pipeline (fmcheck.state.find_generators); found on first
+        # use unless the runner hands over the ones its snapshot restores.
+        self._generators = generators
         self.rank = rank  # fmcheck.distributed.Rank under torchrun, else None
         self.settings = settings
         self.device = device
@@ -168,15 +172,30 @@ class Context:
         gen.manual_seed(self.seed * 1_000_003 + salt)
         return gen
 
+    @property
+    def private_generators(self) -> list:
+        """The pipeline's own generators (``FoundGenerator``: name, generator), in a fixed order."""
+        if self._generators is None:
+            from .state import find_generators
+
+            self._generators = find_generators(self.pipeline)
+        return self._generators
+
     def seed_everything(self, salt: int = 0) -> None:
-        """Seed the global RNGs the user's step draws from (the runner restores them after the check)."""
+        """Seed every RNG the user's step may draw from: the global ones, and each private generator fmcheck found
+        (a DataLoader's, one in the step's closure, the pipeline's ``generators``), each with a seed of its own derived
+        from the run's seed, the salt and its position. The runner restores them all after the check."""
         import numpy as np
         import torch
+
+        from .state import derived_seed, reseed
 
         value = (self.seed * 1_000_003 + salt) % (2**31)
         random.seed(value)
         np.random.seed(value)
         torch.manual_seed(value)
+        for index, found in enumerate(self.private_generators):
+            reseed(found.generator, derived_seed(self.seed, salt, index))
 
     # -- batches ------------------------------------------------------------------------------------------------
     def batches(self, count: Optional[int] = None) -> list[Any]:

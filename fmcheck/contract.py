@@ -33,6 +33,7 @@ class Pipeline:
     total_steps: Optional[int] = None
     velocity: Any = None
     grad_scaler: Any = None
+    generators: Any = None  # name -> random generator (or a sequence) the step draws from that fmcheck cannot find
 
     def __post_init__(self) -> None:
         validate(self)
@@ -102,7 +103,8 @@ def validate(pipeline: Pipeline) -> None:
     batches = pipeline.batches
     if isinstance(batches, (str, bytes)) or not (_is_factory(batches) or hasattr(batches, "__iter__")):
         raise bad("batches", "a re-iterable of batches or a zero-argument callable returning an iterator")
-    if not _is_factory(batches) and isinstance(batches, Iterator):  # never iter(): a DataLoader would draw RNG
+    # Tested without calling iter(): starting a shuffled DataLoader draws from the user's RNG before the snapshot.
+    if not _is_factory(batches) and isinstance(batches, Iterator):
         raise PipelineError(
             "pipeline field 'batches': got an iterator, which is exhausted after one pass; "
             "pass a list, a DataLoader, or a zero-argument callable returning a fresh iterator"
@@ -146,6 +148,25 @@ def validate(pipeline: Pipeline) -> None:
         raise bad("velocity", "a torch.nn.Module mapping (x_t, t, cond) to v_pred")
     if pipeline.grad_scaler is not None and not callable(getattr(pipeline.grad_scaler, "scale", None)):
         raise bad("grad_scaler", "a torch.amp.GradScaler")
+    _validate_generators(pipeline.generators)
+
+
+def _validate_generators(generators: Any) -> None:
+    from .state import is_generator
+
+    if generators is None:
+        return
+    if isinstance(generators, Mapping):
+        items = [(f"generators[{k!r}]", g) for k, g in generators.items()]
+    elif isinstance(generators, (list, tuple)):
+        items = [(f"generators[{i}]", g) for i, g in enumerate(generators)]
+    else:
+        raise PipelineError(f"pipeline field 'generators': expected a mapping of name -> torch.Generator (or a list), "
+                            f"got {_type_name(generators)}")
+    for where, generator in items:
+        if not is_generator(generator):
+            raise PipelineError(f"pipeline field '{where}': expected a torch.Generator (or random.Random, numpy "
+                                f"Generator), got {_type_name(generator)}")
 
 
 def coerce(value: Any, source: str = "pipeline") -> Pipeline:

@@ -77,6 +77,8 @@ class Report(BaseModel):
     checks: list[CheckResult] = Field(default_factory=list)
     # The latent space the numbers were measured in (VAE, scaling, latent shape, resolution): `fmcheck compare`.
     fingerprint: Optional[dict[str, Any]] = None
+    # The pipeline's own random generators fmcheck found, reseeded for its forwards and restored afterwards.
+    generators: list[str] = Field(default_factory=list)
 
     def check(self, check_id: str) -> CheckResult:
         for result in self.checks:

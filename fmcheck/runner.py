@@ -98,21 +98,46 @@ def _error_result(check: type[Check], exc: BaseException, debug: bool, duration:
 
 
 def run_check(check: type[Check], ctx: Context, thresholds: Any, snapshot: StateSnapshot) -> CheckResult:
-    """Measure and judge one check in isolation; the user's state is restored whatever happens."""
+    """Measure and judge one check in isolation; the user's state is restored whatever happens.
+
+    A check that leaves hooks, swapped Parameters or submodules, or added or removed attributes behind is an ERROR
+    naming them (they are undone, so the next check sees the user's modules as they were).
+    """
     start = time.perf_counter()
     ctx.check_id = check.id
     ctx.deadline = time.monotonic() + ctx.settings.timeout
+    left: list[str] = []
     try:
         with time_limit(ctx.settings.timeout):
             reason_outcome = capture(_missing_needs, check, ctx.pipeline, ctx)
             measured = capture(check().measure, ctx) if reason_outcome.ok and reason_outcome.value is None else None
     finally:
-        snapshot.restore()
-        ctx.check_id, ctx.deadline = None, None
+        try:
+            left = snapshot.leftovers()  # before the restore undoes them
+        finally:
+            snapshot.restore()
+            ctx.check_id, ctx.deadline = None, None
     duration = time.perf_counter() - start
+    result = _result(check, thresholds, reason_outcome, measured, ctx.settings.debug, duration)
+    return _left_behind(result, left) if left else result
 
+
+def _left_behind(result: CheckResult, left: list[str]) -> CheckResult:
+    shown = "; ".join(left[:4]) + (f"; and {len(left) - 4} more" if len(left) > 4 else "")
+    fix = "a check must remove the hooks it registers and put back what it replaces (docs/plugins.md)"
+    if result.verdict is Verdict.ERROR:  # the crash stays the headline
+        summary, hint = f"{result.summary}; it also {shown}; restored", f"{result.hint}; {fix}" if result.hint else fix
+    else:
+        summary = f"{shown}; restored"
+        hint = f"{fix}; its own verdict was {result.verdict.value.upper()}: {result.summary}"
+    return result.model_copy(update={"verdict": Verdict.ERROR, "summary": summary, "hint": hint,
+                                     "details": {**result.details, "left_behind": left}})
+
+
+def _result(check: type[Check], thresholds: Any, reason_outcome: Any, measured: Any, debug: bool,
+            duration: float) -> CheckResult:
     if not reason_outcome.ok:
-        return _error_result(check, reason_outcome.exc, ctx.settings.debug, duration)
+        return _error_result(check, reason_outcome.exc, debug, duration)
     if reason_outcome.value is not None:
         return CheckResult(id=check.id, title=check.title, verdict=Verdict.SKIP,
                            summary=f"skipped: {reason_outcome.value}", duration_s=duration)
@@ -121,10 +146,10 @@ def run_check(check: type[Check], ctx: Context, thresholds: Any, snapshot: State
         return CheckResult(id=check.id, title=check.title, verdict=Verdict.SKIP,
                            summary=f"skipped: {measured.exc}", duration_s=duration)
     if not measured.ok:
-        return _error_result(check, measured.exc, ctx.settings.debug, duration)
+        return _error_result(check, measured.exc, debug, duration)
     judged = capture(check().judge, measured.value, thresholds)
     if not judged.ok:
-        result = _error_result(check, judged.exc, ctx.settings.debug, duration)
+        result = _error_result(check, judged.exc, debug, duration)
         result.summary = f"judging failed: {describe(judged.exc)}"
         return result
     judgement: Judgement = judged.value
@@ -140,6 +165,11 @@ def _resolve_device(pipeline: Pipeline, requested: Optional[str]):
         device = torch.device(requested)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {requested}: CUDA is not available on this machine")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise UsageError(f"--device {requested}: MPS is not available on this machine (it needs Apple silicon "
+                             "and a torch built with MPS)")
         return device
     for module in pipeline.trainable_modules().values():
         for param in module.parameters():
@@ -147,9 +177,8 @@ def _resolve_device(pipeline: Pipeline, requested: Optional[str]):
     return torch.device("cpu")
 
 
-def _place_modules(pipeline: Pipeline, device) -> dict[int, Any]:
-    """Move the pipeline's modules to ``device``; returns each module's previous device for the way back."""
-    previous: dict[int, Any] = {}
+def _place_modules(pipeline: Pipeline, device, previous: dict[int, Any]) -> None:
+    """Move the pipeline's modules to ``device``, noting each module's previous device in ``previous`` as it goes."""
     modules = [*pipeline.trainable_modules().values(), *pipeline.frozen_modules().values()]
     for extra in (pipeline.vae, pipeline.velocity):
         if extra is not None and hasattr(extra, "to") and hasattr(extra, "parameters"):
@@ -161,7 +190,6 @@ def _place_modules(pipeline: Pipeline, device) -> dict[int, Any]:
         if param is not None and param.device != device:
             previous[id(module)] = (module, param.device)
             module.to(device)
-    return previous
 
 
 def _probe(ctx: Context, settings: Settings) -> None:
@@ -227,12 +255,15 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
     if settings.plot_dir:
         _check_plot_dir(settings.plot_dir)
     device = _resolve_device(pipeline, settings.device)
-    snapshot = StateSnapshot(pipeline)  # before anything moves or runs
-    moved = _place_modules(pipeline, device)
-    ctx = Context(pipeline, settings, device, listener, rank=rank)
+    # Before anything moves, iterates or runs (validation draws nothing either): this is the user's state.
+    snapshot = StateSnapshot(pipeline, device)
+    moved: dict[int, Any] = {}
     results: list[CheckResult] = []
     interrupted = False
     try:
+        _place_modules(pipeline, device, moved)
+        in_run = snapshot.rebound() if moved else snapshot  # moving re-creates buffers: restore into those meanwhile
+        ctx = Context(pipeline, settings, device, listener, rank=rank, generators=snapshot.generators)
         probed = capture(_probe, ctx, settings)
         if not probed.ok and not isinstance(probed.exc, UsageError):
             raise probed.exc
@@ -242,7 +273,8 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
             agree_on_failure(rank, probed.exc)
         elif not probed.ok:
             raise probed.exc
-        snapshot.restore()
+        in_run.tolerate_current_changes()  # what the user's own step does to its modules is not a check's doing
+        in_run.restore()
 
         failures = [f for f in registry.failures if (not only or f.name in only) and f.name not in skip]
         for failure in failures:
@@ -253,7 +285,7 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
             listener.check_started(check.id, check.title)
             started = time.perf_counter()
             try:
-                result = run_check(check, ctx, thresholds[check.id], snapshot)
+                result = run_check(check, ctx, thresholds[check.id], in_run)
             except KeyboardInterrupt:
                 interrupted = True
                 result = CheckResult(id=check.id, title=check.title, verdict=Verdict.ERROR,
@@ -278,7 +310,8 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
     code = exit_code_for(results)
     report = Report(fmcheck_version=_version.__version__, verdict=overall_verdict(results), exit_code=int(code),
                     environment=_environment(device, settings.seed), pipeline=pipeline_name, strict=settings.strict,
-                    interrupted=interrupted, checks=results, fingerprint=fingerprint)
+                    interrupted=interrupted, checks=results, fingerprint=fingerprint,
+                    generators=[found.name for found in snapshot.generators])
     if rank is not None:
         from .distributed import all_gather, merge
 

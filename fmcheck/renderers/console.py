@@ -161,6 +161,8 @@ def render(report: Report, console: Console) -> None:
         console.print(Text("plots", style="bold"))
         for check_id, path in plots:
             console.print(Text.assemble(f"  {check_id:<10} ", (path, "dim" if path.startswith("not written") else "")))
+    if report.generators:
+        console.print(Text.assemble(("random generators restored ", "bold"), ", ".join(report.generators)))
     total = sum(c.duration_s for c in report.checks)
     note = " (interrupted)" if report.interrupted else ""
     console.print(Text.assemble("verdict ", verdict_text(report.verdict), f"  {counts}  in {total:.1f} s  "
