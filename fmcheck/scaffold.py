@@ -71,6 +71,9 @@ def build():
         "total_steps": TOTAL_STEPS,
         "velocity": velocity,
         # "grad_scaler": scaler,                     # if training uses fp16 autocast with a GradScaler
+        # "generators": {{"noise": noise_gen}},      # torch.Generators your step draws from, if fmcheck cannot
+        #                                            # find them (it looks in the DataLoader, the step's closure
+        #                                            # and its object): restored afterwards, replayed in overfit
     }}
 
 

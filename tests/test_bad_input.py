@@ -111,6 +111,10 @@ CASES = [
     ("t-not-one-per-sample", "def build():\n    d = pipeline()\n    s = d['step']\n"
                              "    d['step'] = lambda b, i: {**s(b, i), 't': torch.rand(3)}\n    return d", [], 2,
      "output 't' has shape (3,) for 32 samples ('x0' (32, 16)); expected one time per sample (leading dimension), or one for all"),
+    ("module-on-meta", "def build():\n    d = pipeline()\n    d['trainable']['velocity'].to('meta')\n    return d", [],
+     2, "module 'velocity.net.0' is on the meta device"),
+    ("device-mps-missing", "def build():\n    return pipeline()", ["--device", "mps"], 2,
+     "--device mps: MPS is not available on this machine"),
     ("set-unknown-threshold", "def build():\n    return pipeline()", ["--set", "norms.ratio_wrn=3"], 2,
      "unknown threshold 'ratio_wrn' for check 'norms' (did you mean 'ratio_warn'?)"),
     ("set-unknown-check", "def build():\n    return pipeline()", ["--set", "norm.ratio_warn=3"], 2,
