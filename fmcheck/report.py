@@ -92,6 +92,8 @@ def overall_verdict(results: list[CheckResult]) -> Verdict:
     for verdict in (Verdict.FAIL, Verdict.ERROR, Verdict.WARN):
         if verdict in verdicts:
             return verdict
+    if verdicts == {Verdict.SKIP}:  # nothing was checked: not a PASS (the exit code stays 0: nothing failed)
+        return Verdict.SKIP
     return Verdict.PASS
 
 

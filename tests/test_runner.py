@@ -179,3 +179,8 @@ def test_fmcheck_never_unpickles_without_weights_only():
     offenders = [str(p) for folder in ("fmcheck", "checks") for p in (root / folder).rglob("*.py")
                  if "torch.load(" in p.read_text() and "weights_only=True" not in p.read_text()]
     assert not offenders
+
+
+def test_a_run_where_every_check_skipped_is_not_a_pass(tiny_pipeline, test_registry):
+    report = run(tiny_pipeline, Settings(), registry=test_registry, only=["t_skip"])
+    assert report.verdict is Verdict.SKIP and report.exit_code == 0
