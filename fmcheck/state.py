@@ -60,6 +60,9 @@ class StateSnapshot:
         self.optimizer = _offload(pipeline.optimizer.state_dict()) if pipeline.optimizer is not None else None
         scaler = pipeline.grad_scaler
         self.scaler = _offload(scaler.state_dict()) if scaler is not None and hasattr(scaler, "state_dict") else None
+        # The LR scheduler the overfit steps (pipeline field 'lr_scheduler'): its counters and the lrs it set.
+        scheduler = getattr(pipeline, "lr_scheduler", None)
+        self.scheduler = _offload(scheduler.state_dict()) if scheduler is not None else None
         self.python_rng = random.getstate()
         self.numpy_rng = np.random.get_state()
         self.torch_rng = torch.get_rng_state()
@@ -86,6 +89,8 @@ class StateSnapshot:
             self.pipeline.optimizer.load_state_dict(copy.deepcopy(self.optimizer))
         if self.scaler is not None:
             self.pipeline.grad_scaler.load_state_dict(copy.deepcopy(self.scaler))
+        if self.scheduler is not None:
+            self.pipeline.lr_scheduler.load_state_dict(copy.deepcopy(self.scheduler))
         random.setstate(self.python_rng)
         np.random.set_state(self.numpy_rng)
         torch.set_rng_state(self.torch_rng)
@@ -129,6 +134,8 @@ def state_digest(pipeline: Pipeline, include_rng: bool = True) -> str:
         feed(pipeline.optimizer.state_dict())
     if pipeline.grad_scaler is not None and hasattr(pipeline.grad_scaler, "state_dict"):
         feed(pipeline.grad_scaler.state_dict())
+    if getattr(pipeline, "lr_scheduler", None) is not None:
+        feed(pipeline.lr_scheduler.state_dict())
     if include_rng:
         feed(random.getstate())
         feed(np.random.get_state())
