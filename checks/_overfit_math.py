@@ -40,6 +40,7 @@ class Rules:
     trend_optimism: float  # the recent slopes are extrapolated this many times faster than observed
     trend_reach: float = 0.5  # ... and must bring at least this share of the improvement needed, on one measure
     cos_gain: Optional[float] = None  # ... or, when set (fresh randomness), close this share of its gap to 1
+    min_steps: int = 0  # no pass before this many steps: the scale needs time to show a drift
 
     def cos_target(self, initial: "Point") -> float:
         """The cos a pass needs: absolute for a replayed set; for fresh randomness, where the best prediction is a
@@ -196,7 +197,7 @@ def evaluate(initial: Point, history: Sequence[Point], rules: Rules, budget_step
                         reason=f"fm_loss rose to {current.fm / initial.fm:.3g}x its start")
     fm_ok = current.rel <= rel_target(initial, rules)
     cos_ok = current.cos >= rules.cos_target(initial)
-    if fm_ok and cos_ok:
+    if fm_ok and cos_ok and current.step >= rules.min_steps:
         if drift is None:
             return Decision(PASSED, current.step, reason="fm_loss and cos reached their thresholds")
         projected = scale_projection(initial, history)

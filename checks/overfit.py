@@ -51,9 +51,11 @@ class OverfitThresholds(Thresholds):
                                                             "both measures, by the end of the step budget")
     fresh_loss_drop: float = Field(0.25, gt=0, lt=1, description="with fresh randomness each pass (the set's "
                                    "randomness could not be replayed): the relative fm_loss fall a pass needs")
-    fresh_cos_gain: float = Field(0.3, gt=0, le=1, description="with fresh randomness: the share of its initial gap "
+    fresh_cos_gain: float = Field(0.4, gt=0, le=1, description="with fresh randomness: the share of its initial gap "
                                   "to 1 that cos must close (the floor of a conditional mean is unknown, so no "
                                   "absolute cos)")
+    min_steps: int = Field(32, ge=0, description="no pass before this many steps, in either regime: a head's "
+                           "scale drift under a weak KL takes tens of steps to show")
     start_step: Optional[int] = Field(None, ge=0, description="step_index of the first overfit step (default: "
                                                               "total_steps // 2, past any warmup; 100000 when "
                                                               "total_steps is unknown)")
@@ -711,7 +713,8 @@ def _rules(thresholds: OverfitThresholds, replayed: bool):
         drop, gain = thresholds.loss_drop, None
     else:
         drop, gain = thresholds.fresh_loss_drop, thresholds.fresh_cos_gain
-    return om.Rules(loss_drop=drop, cos_pass=thresholds.cos_pass, cos_gain=gain, scale_fail=thresholds.scale_fail,
+    return om.Rules(loss_drop=drop, cos_pass=thresholds.cos_pass, cos_gain=gain, min_steps=thresholds.min_steps,
+                    scale_fail=thresholds.scale_fail,
                     diverge=thresholds.diverge, trend_after=thresholds.trend_after,
                     trend_optimism=thresholds.trend_optimism, trend_reach=thresholds.trend_reach)
 

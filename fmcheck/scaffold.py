@@ -70,6 +70,11 @@ def build():
         "total_steps": TOTAL_STEPS,
         "velocity": velocity,
         # "grad_scaler": scaler,                     # if training uses fp16 autocast with a GradScaler
+        # The extras of your training loop, which `overfit` runs where your loop runs them:
+        # "before_optimizer_step": lambda: torch.nn.utils.clip_grad_norm_(
+        #     [*head.parameters(), *velocity.parameters()], 1.0),   # after backward (and scaler.unscale_), before
+        #                                                           # optimizer.step()
+        # "lr_scheduler": scheduler,                 # stepped after each optimizer step (state restored afterwards)
     }}
 
 

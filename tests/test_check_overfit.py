@@ -533,3 +533,33 @@ def test_the_nan_digits_fixture_fails_before_training(digits_available):
     result = run_overfit(build(), samples=128)[1]
     assert result.verdict is Verdict.FAIL
     assert "'kl' is non-finite at the first forward, before any update" in result.summary
+
+
+def test_the_digits_verdict_is_replayed_and_quick(digits_available):
+    from fixtures.digits import build
+
+    result = run_overfit(build(), samples=128)[1]
+    assert result.details["randomness"] == "replayed"
+    assert measured(result, "steps to verdict").value <= 72  # half of the 144 steps fresh randomness needed
+
+
+def test_a_private_generator_fixture_is_reported_as_fresh_randomness_and_passes(digits_available):
+    from fixtures.correct.private_generator import build
+
+    result = run_overfit(build(), samples=128)[1]
+    assert result.details["randomness"] == "fresh"
+    assert {"t", "eps"} <= set(result.details["changed_outputs"])
+    assert result.verdict is Verdict.PASS, result.summary
+    assert "fresh randomness each pass (x0, t, eps" in result.summary
+
+
+@pytest.mark.parametrize("name", ["overfit_optimizer_misses_velocity", "overfit_velocity_under_no_grad",
+                                  "overfit_kl_weight_too_weak"])
+def test_the_digits_overfit_bugs_fail(digits_available, name):
+    import importlib
+
+    result = run_overfit(importlib.import_module(f"fixtures.bugs.{name}").build(), samples=128)[1]
+    assert result.verdict is Verdict.FAIL, result.summary
+    expected = {"overfit_optimizer_misses_velocity": om.NOT_IN_OPTIMIZER,
+                "overfit_velocity_under_no_grad": om.NO_GRADIENT, "overfit_kl_weight_too_weak": om.SCALE_DRIFT}
+    assert result.details["outcome"] == expected[name]
