@@ -417,7 +417,8 @@ class OverfitCheck(Check):
                         break
                 if now - last_progress >= PROGRESS_INTERVAL_S or done % window == 0:
                     last_progress = now
-                    ctx.progress(done, total=settings.max_steps, loss=latest_fm, cos=latest_cos)
+                    live = {"loss": latest_fm, "cos": latest_cos}  # as of the last checkpoint
+                    ctx.progress(done, total=settings.max_steps, **{k: v for k, v in live.items() if v is not None})
                 out = one_step(done)
                 record(stats[done], out)
                 del out

@@ -402,6 +402,17 @@ def test_a_step_drawing_from_its_own_generator_is_reported_and_judged_as_fresh_r
     assert "fresh randomness each pass" in result.summary
 
 
+@pytest.mark.parametrize("field,value,expected", [
+    ("before_optimizer_step", 3, "expected a zero-argument callable"),
+    ("lr_scheduler", object(), "expected an LR scheduler with step(), state_dict() and load_state_dict()"),
+])
+def test_the_training_extras_are_validated_like_every_field(field, value, expected):
+    from fmcheck.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=f"pipeline field '{field}': {expected}"):
+        coerce({**quick(), field: value})
+
+
 def test_the_users_training_extras_run_in_the_loop_and_are_restored():
     pipeline = quick()
     params = [p for group in pipeline["optimizer"].param_groups for p in group["params"]]
