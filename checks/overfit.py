@@ -392,8 +392,9 @@ class OverfitCheck(Check):
         seconds_to_verdict = 0.0
         decision = tracker.decision
         latest_fm = latest_cos = None
+        training = decision is None
         with hang_limit(time_budget + _hang_grace(time_budget)) as hang:
-            while decision is None:
+            while training:  # until ``break``: under torchrun a rank keeps stepping after its verdict until all agree
                 now = time.perf_counter()
                 out_of_time = now - started >= time_budget and done < settings.max_steps
                 out_of_budget = done >= settings.max_steps or out_of_time
@@ -403,10 +404,12 @@ class OverfitCheck(Check):
                     if done > read_upto:
                         rows = stats[read_upto:done].tolist()  # the one host sync per checkpoint
                         read_upto = done
+                        undecided = decision is None
                         decision = tracker.feed(rows, settings.max_steps)
                         if tracker.history:
                             latest_fm, latest_cos = tracker.history[-1].fm, tracker.history[-1].cos
-                        seconds_to_verdict = time.perf_counter() - started
+                        if undecided:
+                            seconds_to_verdict = time.perf_counter() - started
                     stop = decision is not None or out_of_budget
                     if distributed:
                         stop = _ranks_agree_to_stop(torch, device, decision is not None, out_of_budget)
