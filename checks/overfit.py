@@ -221,6 +221,8 @@ class OverfitCheck(Check):
             "for a wrong reason can pass them.",
             "Drift is measured against the scale at the start of the overfit: a pipeline whose ||x0||/||x1|| is "
             "already far from 1 is the `norms` check's finding.",
+            "An `lr_scheduler` whose step() needs a metric (ReduceLROnPlateau) cannot be stepped here: leave it "
+            "out of the pipeline.",
             "The hopeless rule is a forecast: a run stuck far from both thresholds that would later rise "
             "steeply can be failed; raise `trend_after` or lower `trend_reach` if you see that.",
         ),

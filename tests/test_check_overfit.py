@@ -20,7 +20,7 @@ from fmcheck.state import state_digest
 from fmcheck.verdict import Verdict
 
 RULES = om.Rules(loss_drop=0.5, cos_pass=0.8, scale_fail=4.0, diverge=10.0, trend_after=0.3, trend_optimism=2.0,
-                 trend_reach=0.5)  # the defaults
+                 trend_reach=0.5)  # the defaults of the replayed regime (scale_fail as these curves were written for)
 COLUMNS = {name: i for i, name in enumerate(["fm", "cos", "power", "x0", "x1", "max:x0", "max:loss"])}
 KEYS = ["max:x0", "max:loss"]
 
@@ -162,6 +162,44 @@ def test_when_the_budget_runs_out_undecided():
     rows = curve(60, fm=lambda s: 0.2, cos=lambda s: 0.9 if s >= 48 else 0.5, ratio=lambda s: 1.0 + s / 20)
     assert t.feed(rows, 1000) is None
     assert t.finish(1000).outcome == om.SCALE_MOVING
+
+
+def test_a_fresh_randomness_run_is_judged_on_its_fall_not_on_an_absolute_cos():
+    # a conditional-mean floor: 30% of the loss goes, cos settles at 0.45 from 0
+    rows = curve(400, fm=lambda s: 1.0 - 0.3 * min(1.0, s / 40), cos=lambda s: 0.45 * min(1.0, s / 40))
+    fresh = om.Rules(**{**RULES.__dict__, "loss_drop": 0.25, "cos_gain": 0.4})
+    assert fresh.cos_target(om.Point(step=0, fm=1.0, cos=0.0)) == pytest.approx(0.4)
+    t = om.Tracker(COLUMNS, epoch=2, window=8, rules=fresh, nonfinite_keys=KEYS, initial_rows=[row(), row()])
+    decision = t.feed(rows, 400)
+    assert decision.passed and decision.step == 48  # the window [32, 40) averages cos 0.399, just short of 0.4
+    replayed = tracker()  # the replayed set's bar is absolute: cos 0.8, and this run never gets there
+    assert replayed.feed(rows, 400) is None and replayed.finish(400).outcome == om.BUDGET
+
+
+def test_no_pass_before_min_steps():
+    rows = curve(100, fm=lambda s: 0.1, cos=lambda s: 0.95)
+    rules = om.Rules(**{**RULES.__dict__, "min_steps": 32})
+    t = om.Tracker(COLUMNS, epoch=2, window=8, rules=rules, nonfinite_keys=KEYS, initial_rows=[row(), row()])
+    decision = t.feed(rows, 300)
+    assert decision.passed and decision.step == 32
+
+
+def test_parameters_outside_the_optimizer_and_silent_modules_fail_at_the_first_checkpoint():
+    columns = {**COLUMNS, "grad:head": len(COLUMNS), "grad:velocity": len(COLUMNS) + 1}
+    rows = [row(fm=0.1, cos=0.95) + [1.0, 0.0] for _ in range(40)]
+    t = om.Tracker(columns, epoch=2, window=8, rules=RULES, nonfinite_keys=KEYS,
+                   initial_rows=[row() + [1.0, 0.0]] * 2, module_grad_keys=["grad:head", "grad:velocity"])
+    decision = t.feed(rows, 300)
+    assert decision.outcome == om.NO_GRADIENT and decision.step == 8 and decision.extra["modules"] == ["velocity"]
+    t = om.Tracker(columns, epoch=2, window=8, rules=RULES, nonfinite_keys=KEYS,
+                   initial_rows=[row() + [1.0, 1.0]] * 2, not_in_optimizer=["velocity"])
+    assert t.feed(rows, 300).outcome == om.NOT_IN_OPTIMIZER
+
+
+def test_the_time_budget_never_judges_a_partial_window():
+    t = tracker()
+    assert t.feed(curve(12, fm=lambda s: 1.0, cos=lambda s: 0.0), 300) is None
+    assert t.finish(300, out_of_time=True).outcome == om.OUT_OF_TIME
 
 
 # ------------------------------------------------------------------------------------------ small pipelines
