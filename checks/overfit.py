@@ -33,9 +33,10 @@ UNKNOWN_TOTAL_START = 100_000  # first step index when the pipeline does not say
 
 
 class OverfitThresholds(Thresholds):
-    loss_drop: float = Field(0.5, gt=0, lt=1, description="fm_loss / mean(v_target^2) must fall by this fraction "
-                                                          "of its initial value (window means over the fixed set)")
-    cos_pass: float = Field(0.8, gt=-1, le=1, description="cos(v_pred, v_target) (window mean) must reach this")
+    loss_drop: float = Field(0.5, gt=0, lt=1, description="with the set's randomness replayed: fm_loss / "
+                             "mean(v_target^2) must fall by this fraction of its initial value (window means)")
+    cos_pass: float = Field(0.8, gt=-1, le=1, description="with the set's randomness replayed: cos(v_pred, v_target) "
+                            "(window mean) must reach this")
     scale_warn: float = Field(2.0, ge=1, description="a pass whose ||x0||/||x1|| drifted beyond this factor (out of "
                                                       "the band between its start and 1) is a warning")
     scale_fail: float = Field(3.0, ge=1, description="||x0||/||x1|| drifting beyond this factor fails at once "
