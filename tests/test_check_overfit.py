@@ -380,38 +380,61 @@ def test_the_users_state_is_bit_identical_afterwards(case):
 FIRST_TRAINING_CALL = 5
 
 
-def sleep_once_at(call: int, seconds: float):
-    """A step that takes ``seconds`` once, at its ``call``-th call: a time budget shorter than that runs out there,
-    however fast the machine is."""
-    import time
+class FakeClock:
+    """The overfit's clock, advanced only by the step: one second per call, whatever the machine's speed."""
 
-    return lambda n: time.sleep(seconds) if n == call else None
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def tick(self, call):
+        self.now += 1.0
 
 
 @pytest.mark.parametrize("bug", [{}, {"no_grad_velocity": True}], ids=["correct", "velocity-without-gradient"])
-def test_a_short_time_budget_never_fails_what_a_long_one_decides(bug):
-    """The same pipeline under a budget that runs out by construction (a step that takes 0.6 s once, at training
-    step 2, before the first checkpoint at step 8) and under a long one: inconclusive, never FAIL, from the short."""
-    pause = sleep_once_at(FIRST_TRAINING_CALL + 2, 0.6)
-    short = run_overfit(quick(pause=pause, **bug), time_budget=0.5)[1]
-    long = run_overfit(quick(pause=sleep_once_at(FIRST_TRAINING_CALL + 2, 0.6), **bug), time_budget=600.0)[1]
+def test_a_short_time_budget_never_fails_what_a_long_one_decides(bug, monkeypatch):
+    """The same pipeline under a budget that runs out by construction (every step takes one second of a fake clock,
+    the budget 2.5 of them: out of time after 3 steps, before the first checkpoint at step 8) and under a long one:
+    inconclusive, never FAIL, from the short."""
+    import time
+    from types import SimpleNamespace
+
+    import fmcheck.checks.overfit as overfit_module
+
+    verdicts = {}
+    for budget in (2.5, 600.0):
+        clock = FakeClock()
+        monkeypatch.setattr(overfit_module, "time", SimpleNamespace(perf_counter=clock, process_time=time.process_time,
+                                                                    monotonic=time.monotonic))
+        verdicts[budget] = run_overfit(quick(pause=clock.tick, **bug), time_budget=budget)[1]
+    short, long = verdicts[2.5], verdicts[600.0]
     assert short.verdict is Verdict.WARN, short.summary
     assert short.details["outcome"] == om.OUT_OF_TIME and short.details["steps_run"] == 3
-    assert short.summary.startswith("inconclusive: the time budget (0.5 s) ended the run after 3 steps")
+    assert short.summary.startswith("inconclusive: the time budget (2.5 s) ended the run after 3 steps")
     assert "--time-budget 60" in short.hint
     assert long.verdict is (Verdict.FAIL if bug else Verdict.PASS), long.summary
 
 
-def test_a_step_that_hangs_ends_the_check_within_the_budget_and_its_grace():
+def test_a_step_that_hangs_ends_the_check_within_the_budget_and_its_grace(monkeypatch):
+    """The fourth training step waits on an event nobody sets; the overfit's clock is frozen, so only the hang (a real
+    SIGALRM after the 1 s budget and its 1 s grace) can end the run."""
     import threading
+    import time
+    from types import SimpleNamespace
 
+    import fmcheck.checks.overfit as overfit_module
+
+    monkeypatch.setattr(overfit_module, "time", SimpleNamespace(perf_counter=lambda: 0.0, monotonic=time.monotonic,
+                                                                process_time=time.process_time))
     never = threading.Event()
-    pause = lambda n: never.wait(30) if n == FIRST_TRAINING_CALL + 3 else None  # noqa: E731
+    pause = lambda n: never.wait(60) if n == FIRST_TRAINING_CALL + 3 else None  # noqa: E731
     report, result = run_overfit(quick(pause=pause), time_budget=1.0)
     assert result.verdict is Verdict.WARN, result.summary
-    assert result.details["outcome"] == om.HUNG and result.details["steps_run"] == 3
-    assert result.summary.startswith("inconclusive: a step exceeded the time budget (1 s) after 3 steps")
-    assert result.duration_s < 10  # budget 1 s + grace 1 s, not the 300 s default limit
+    assert result.details["outcome"] == om.HUNG and result.details["steps_run"] <= 3  # 3 unless the alarm came first
+    assert result.summary.startswith("inconclusive: a step exceeded the time budget (1 s) after ")
+    assert result.duration_s < 30  # budget 1 s + grace 1 s (+ setup), not the 300 s default limit
 
 
 def test_the_per_check_limit_follows_the_time_budget_unless_timeout_is_set():
