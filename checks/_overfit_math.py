@@ -56,7 +56,7 @@ class Point:
 
     step: int
     fm: float
-    cos: float
+    cos: Optional[float]  # None when the step returns only its loss (no v_pred, v_target)
     ratio: Optional[float] = None  # mean ||x0|| / mean ||x1||, None when the step does not expose x0 and x1
     loss: float = float("nan")
     kl: Optional[float] = None
@@ -196,7 +196,7 @@ def evaluate(initial: Point, history: Sequence[Point], rules: Rules, budget_step
         return Decision(DIVERGED, current.step, drift=drift,
                         reason=f"fm_loss rose to {current.fm / initial.fm:.3g}x its start")
     fm_ok = current.rel <= rel_target(initial, rules)
-    cos_ok = current.cos >= rules.cos_target(initial)
+    cos_ok = current.cos is None or current.cos >= rules.cos_target(initial)
     if fm_ok and cos_ok and current.step >= rules.min_steps:
         if drift is None:
             return Decision(PASSED, current.step, reason="fm_loss and cos reached their thresholds")
@@ -213,19 +213,22 @@ def evaluate(initial: Point, history: Sequence[Point], rules: Rules, budget_step
         # sample), so only a run whose optimistic trends bring less than `trend_reach` of the improvement needed,
         # on both measures, is called hopeless; anything closer gets its whole budget.
         rel_slope = slope(xs, [p.rel for p in points])
-        cos_slope = slope(xs, [p.cos for p in points])
         projected_rel = max(0.0, current.rel + min(rel_slope, 0.0) * rules.trend_optimism * remaining)
-        projected_cos = current.cos + max(cos_slope, 0.0) * rules.trend_optimism * remaining
         projected_fall = 1.0 - projected_rel / initial.rel if initial.rel > 0 else 0.0
         reach_fm = projected_fall / rules.loss_drop
-        cos_needed = rules.cos_target(initial)
-        reach_cos = ((projected_cos - initial.cos) / (cos_needed - initial.cos)
-                     if cos_needed > initial.cos else 1.0)
+        if current.cos is None or initial.cos is None:  # a loss-only step: the loss alone decides
+            projected_cos, reach_cos = None, reach_fm
+        else:
+            cos_slope = slope(xs, [p.cos for p in points])
+            projected_cos = current.cos + max(cos_slope, 0.0) * rules.trend_optimism * remaining
+            cos_needed = rules.cos_target(initial)
+            reach_cos = ((projected_cos - initial.cos) / (cos_needed - initial.cos)
+                         if cos_needed > initial.cos else 1.0)
         if reach_fm < rules.trend_reach and reach_cos < rules.trend_reach:
             return Decision(STALLED, current.step, drift=drift, projected_fm=projected_fall,
                             projected_cos=projected_cos, extra={"reach": [reach_fm, reach_cos]},
-                            reason=f"the trends reach a fm_loss fall of {projected_fall:.0%} and cos "
-                                   f"{projected_cos:.3g} by step {budget_steps}")
+                            reason=f"the trends reach a fm_loss fall of {projected_fall:.0%} by step "
+                                   f"{budget_steps}")
     return None
 
 
@@ -237,7 +240,7 @@ def at_budget_end(initial: Point, history: Sequence[Point], rules: Rules, out_of
         return Decision(OUT_OF_TIME, current.step, drift=drift,
                         reason="the time budget ran out before a checkpoint decided")
     fm_ok = current.rel <= rel_target(initial, rules)
-    cos_ok = current.cos >= rules.cos_target(initial)
+    cos_ok = current.cos is None or current.cos >= rules.cos_target(initial)
     if fm_ok and cos_ok and drift is not None:  # only the scale kept it from passing
         return Decision(SCALE_MOVING, current.step, drift=drift,
                         extra={"projected_drift": scale_projection(initial, history)},

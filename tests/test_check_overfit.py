@@ -497,10 +497,21 @@ def test_it_skips_with_a_reason_when_inputs_are_missing():
     pipeline = quick()
     pipeline.pop("optimizer")
     assert "needs pipeline field 'optimizer'" in run_overfit(pipeline)[1].summary
-    result = run_overfit(quick(outputs={"loss", "v_target"}))[1]
-    assert result.verdict is Verdict.SKIP and "step output lacks 'v_pred'" in result.summary
     result = run_overfit(quick(lr_zero=True))[1]
     assert result.verdict is Verdict.SKIP and "learning rate is 0" in result.summary
+
+
+def test_a_step_that_returns_only_its_loss_is_judged_on_the_loss_alone():
+    result = run_overfit(quick(outputs={"loss"}))[1]
+    assert result.verdict is Verdict.PASS, result.summary
+    assert "no v_pred, v_target: judged on the loss alone" in result.summary
+    assert measured(result, "cos(v_pred, v_target)").value == "not measured"
+    assert "cos" not in result.details["curves"] and "cos" not in result.details["curve_guides"]
+    assert result.details["randomness"] == "replayed"  # verified on the loss, the one output there is
+    broken = run_overfit(quick(outputs={"loss"}, no_grad_velocity=True))[1]
+    assert broken.verdict is Verdict.FAIL and broken.details["outcome"] == om.NO_GRADIENT, broken.summary
+    fresh = run_overfit(quick(outputs={"loss"}, private_t=True))[1]
+    assert fresh.details["changed_outputs"] == ["loss"] and fresh.verdict is not Verdict.FAIL, fresh.summary
 
 
 def test_without_x0_and_x1_it_still_judges_the_fit_and_says_the_scale_was_not_watched():
