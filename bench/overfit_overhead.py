@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-NEVER = {"cos_pass": 1.0, "loss_drop": 0.999999, "trend_after": 1.0, "scale_fail": 1e30, "scale_warn": 1e30,
-         "diverge": 1e30}
+NEVER = {"cos_pass": 1.0, "loss_drop": 0.999999, "fresh_loss_drop": 0.999999, "fresh_cos_gain": 1.0,
+         "trend_after": 1.0, "scale_fail": 1e30, "scale_warn": 1e30, "diverge": 1e30}
 
 
 def build(name: str, device: str) -> dict:
@@ -156,7 +156,7 @@ def check_loop(pipeline: dict, steps: int, device: str) -> tuple[float, float]:
     report = run(coerce(pipeline), settings, only=["overfit"])
     result = report.check("overfit")
     assert result.details.get("steps_run") == steps, (result.summary, result.error)
-    return result.details["seconds_run"], result.details["cpu_seconds_run"]
+    return result.details["timing"]["seconds_run"], result.details["timing"]["cpu_seconds_run"]
 
 
 def overhead(args) -> None:

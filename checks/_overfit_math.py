@@ -22,17 +22,32 @@ BUDGET = "budget"  # the step budget ran out before the thresholds were met
 OUT_OF_TIME = "out_of_time"  # the time budget ran out first: no verdict, the machine was too slow for it
 SCALE_MOVING = "scale_moving"  # thresholds met at the end of the budget, but the scale never settled
 STOPPED = "stopped"  # under torchrun: stopped before training because another rank could not train
+NOT_IN_OPTIMIZER = "not_in_optimizer"  # a trainable module has parameters the optimizer does not hold
+NO_GRADIENT = "no_gradient"  # a trainable module received no gradient in the whole first window
+HUNG = "hung"  # a step ran past the time budget (and its grace): no verdict
+
+# The outcomes that fail: each rests on evidence counted in steps, never on how fast the machine ran.
+FAILURES = frozenset({NONFINITE, SCALE_DRIFT, DIVERGED, STALLED, NOT_IN_OPTIMIZER, NO_GRADIENT})
 
 
 @dataclass(frozen=True)
 class Rules:
     loss_drop: float  # fm_loss / mean(v_target^2) must fall to (1 - loss_drop) x its initial value
-    cos_pass: float  # window mean of cos(v_pred, v_target) must reach this
+    cos_pass: float  # window mean of cos(v_pred, v_target) must reach this (replayed set) ...
     scale_fail: float  # ||x0||/||x1|| leaving its start's band by more than this factor fails at once
     diverge: float  # fm_loss above this multiple of its initial value fails at once
     trend_after: float  # fraction of the step budget after which the trends may fail the run
     trend_optimism: float  # the recent slopes are extrapolated this many times faster than observed
     trend_reach: float = 0.5  # ... and must bring at least this share of the improvement needed, on one measure
+    cos_gain: Optional[float] = None  # ... or, when set (fresh randomness), close this share of its gap to 1
+    min_steps: int = 0  # no pass before this many steps: the scale needs time to show a drift
+
+    def cos_target(self, initial: "Point") -> float:
+        """The cos a pass needs: absolute for a replayed set; for fresh randomness, where the best prediction is a
+        conditional mean whose cos with v* is below 1 by an amount nobody knows, a share of the way to 1."""
+        if self.cos_gain is None:
+            return self.cos_pass
+        return initial.cos + self.cos_gain * (1.0 - initial.cos)
 
 
 @dataclass(frozen=True)
@@ -41,7 +56,7 @@ class Point:
 
     step: int
     fm: float
-    cos: float
+    cos: Optional[float]  # None when the step returns only its loss (no v_pred, v_target)
     ratio: Optional[float] = None  # mean ||x0|| / mean ||x1||, None when the step does not expose x0 and x1
     loss: float = float("nan")
     kl: Optional[float] = None
@@ -181,8 +196,8 @@ def evaluate(initial: Point, history: Sequence[Point], rules: Rules, budget_step
         return Decision(DIVERGED, current.step, drift=drift,
                         reason=f"fm_loss rose to {current.fm / initial.fm:.3g}x its start")
     fm_ok = current.rel <= rel_target(initial, rules)
-    cos_ok = current.cos >= rules.cos_pass
-    if fm_ok and cos_ok:
+    cos_ok = current.cos is None or current.cos >= rules.cos_target(initial)
+    if fm_ok and cos_ok and current.step >= rules.min_steps:
         if drift is None:
             return Decision(PASSED, current.step, reason="fm_loss and cos reached their thresholds")
         projected = scale_projection(initial, history)
@@ -198,18 +213,22 @@ def evaluate(initial: Point, history: Sequence[Point], rules: Rules, budget_step
         # sample), so only a run whose optimistic trends bring less than `trend_reach` of the improvement needed,
         # on both measures, is called hopeless; anything closer gets its whole budget.
         rel_slope = slope(xs, [p.rel for p in points])
-        cos_slope = slope(xs, [p.cos for p in points])
         projected_rel = max(0.0, current.rel + min(rel_slope, 0.0) * rules.trend_optimism * remaining)
-        projected_cos = current.cos + max(cos_slope, 0.0) * rules.trend_optimism * remaining
         projected_fall = 1.0 - projected_rel / initial.rel if initial.rel > 0 else 0.0
         reach_fm = projected_fall / rules.loss_drop
-        reach_cos = ((projected_cos - initial.cos) / (rules.cos_pass - initial.cos)
-                     if rules.cos_pass > initial.cos else 1.0)
+        if current.cos is None or initial.cos is None:  # a loss-only step: the loss alone decides
+            projected_cos, reach_cos = None, reach_fm
+        else:
+            cos_slope = slope(xs, [p.cos for p in points])
+            projected_cos = current.cos + max(cos_slope, 0.0) * rules.trend_optimism * remaining
+            cos_needed = rules.cos_target(initial)
+            reach_cos = ((projected_cos - initial.cos) / (cos_needed - initial.cos)
+                         if cos_needed > initial.cos else 1.0)
         if reach_fm < rules.trend_reach and reach_cos < rules.trend_reach:
             return Decision(STALLED, current.step, drift=drift, projected_fm=projected_fall,
                             projected_cos=projected_cos, extra={"reach": [reach_fm, reach_cos]},
-                            reason=f"the trends reach a fm_loss fall of {projected_fall:.0%} and cos "
-                                   f"{projected_cos:.3g} by step {budget_steps}")
+                            reason=f"the trends reach a fm_loss fall of {projected_fall:.0%} by step "
+                                   f"{budget_steps}")
     return None
 
 
@@ -217,15 +236,15 @@ def at_budget_end(initial: Point, history: Sequence[Point], rules: Rules, out_of
     """The verdict when the budget ran out with no earlier decision (``out_of_time``: the time budget did)."""
     current = history[-1]
     drift = drift_of(initial, current)
+    if out_of_time:
+        return Decision(OUT_OF_TIME, current.step, drift=drift,
+                        reason="the time budget ran out before a checkpoint decided")
     fm_ok = current.rel <= rel_target(initial, rules)
-    cos_ok = current.cos >= rules.cos_pass
-    if fm_ok and cos_ok:  # only the scale kept it from passing
+    cos_ok = current.cos is None or current.cos >= rules.cos_target(initial)
+    if fm_ok and cos_ok and drift is not None:  # only the scale kept it from passing
         return Decision(SCALE_MOVING, current.step, drift=drift,
                         extra={"projected_drift": scale_projection(initial, history)},
                         reason=f"thresholds met but ||x0||/||x1|| moved {drift:.3g}x and had not settled")
-    if out_of_time:
-        return Decision(OUT_OF_TIME, current.step, drift=drift,
-                        reason="the time budget ran out before the thresholds were met")
     return Decision(BUDGET, current.step, drift=drift, reason="the step budget ran out before the thresholds were met")
 
 
@@ -238,8 +257,11 @@ class Tracker:
     """
 
     def __init__(self, columns: dict[str, int], *, epoch: int, window: int, rules: Rules,
-                 nonfinite_keys: Sequence[str], initial_rows: Optional[Sequence[Sequence[float]]] = None):
+                 nonfinite_keys: Sequence[str], initial_rows: Optional[Sequence[Sequence[float]]] = None,
+                 not_in_optimizer: Sequence[str] = (), module_grad_keys: Sequence[str] = ()):
         self.columns = columns
+        self.not_in_optimizer = list(not_in_optimizer)
+        self.module_grad_keys = [k for k in module_grad_keys if k in columns]
         self.epoch = max(1, epoch)
         self.window = max(1, window)
         self.rules = rules
@@ -268,13 +290,35 @@ class Tracker:
             while self.window * (len(self.history) + 1) <= len(self.rows):
                 end = self.window * (len(self.history) + 1)
                 self.history.append(window_point(self.rows, self.columns, end - self.window, end))
-                self.decision = evaluate(self.initial, self.history, self.rules, budget_steps)
+                self.decision = self._structure(end) if len(self.history) == 1 else None
+                if self.decision is None:
+                    self.decision = evaluate(self.initial, self.history, self.rules, budget_steps)
                 if self.decision is not None:
                     return self.decision
         if bad is not None:
             step, keys = bad
             self.decision = Decision(NONFINITE, step, reason=f"non-finite {', '.join(keys)} at step {step}",
                                      extra={"keys": keys})
+        return self.decision
+
+    def _structure(self, end: int) -> Optional[Decision]:
+        """At the first checkpoint: parameters the optimizer does not hold, modules that got no gradient at all."""
+        if self.not_in_optimizer:
+            return Decision(NOT_IN_OPTIMIZER, end, extra={"modules": self.not_in_optimizer},
+                            reason="trainable parameters outside the optimizer")
+        silent = [key.removeprefix("grad:") for key in self.module_grad_keys
+                  if all(row[self.columns[key]] == 0.0 for row in self.rows[:end])]
+        if silent:
+            return Decision(NO_GRADIENT, end, extra={"modules": silent},
+                            reason=f"no gradient reached {', '.join(silent)} in {end} steps")
+        return None
+
+    def hung(self, steps: int) -> Decision:
+        """No verdict: a step ran past the time budget. The numbers so far close a last, partial window."""
+        if self.initial is not None and self.rows and (not self.history or self.history[-1].step < len(self.rows)):
+            self.history.append(window_point(self.rows, self.columns, max(0, len(self.rows) - self.window),
+                                             len(self.rows)))
+        self.decision = Decision(HUNG, steps, reason="a step exceeded the time budget")
         return self.decision
 
     def finish(self, budget_steps: int, out_of_time: bool = False) -> Decision:
@@ -289,7 +333,8 @@ class Tracker:
         if last < len(self.rows):
             self.history.append(window_point(self.rows, self.columns, max(0, len(self.rows) - self.window),
                                              len(self.rows)))
-            self.decision = evaluate(self.initial, self.history, self.rules, budget_steps)
+            if not out_of_time:  # the step budget's end is a fixed checkpoint; where the clock stopped is not
+                self.decision = evaluate(self.initial, self.history, self.rules, budget_steps)
         if self.decision is None:
             self.decision = at_budget_end(self.initial, self.history, self.rules, out_of_time)
         return self.decision

@@ -35,9 +35,10 @@ class Settings(BaseModel):
     device: Optional[str] = None  # None: where the trainable parameters already are
     seed: int = 0
     samples: int = Field(128, ge=1)  # overfit set size
-    max_steps: int = Field(400, ge=1)  # overfit step budget (the slowest correct digits variant needs 272)
+    max_steps: int = Field(400, ge=1)  # overfit step budget (the slowest correct fixture needs 144)
     time_budget: float = Field(60.0, gt=0)  # overfit wall-clock budget, seconds
-    timeout: float = Field(300.0, gt=0)  # per check, seconds
+    # per check, seconds; when not set, the overfit's limit follows its time budget (runner.check_timeout)
+    timeout: float = Field(300.0, gt=0)
     measure_batches: int = Field(4, ge=1)  # batches the measuring checks average over
     strict: bool = False
     debug: bool = False

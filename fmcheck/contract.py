@@ -34,6 +34,8 @@ class Pipeline:
     velocity: Any = None
     grad_scaler: Any = None
     generators: Any = None  # name -> random generator (or a sequence) the step draws from that fmcheck cannot find
+    before_optimizer_step: Optional[Callable[[], None]] = None  # after backward (and unscale_), before step
+    lr_scheduler: Any = None  # stepped after each optimizer step; state_dict() / load_state_dict() to restore it
 
     def __post_init__(self) -> None:
         validate(self)
@@ -148,6 +150,12 @@ def validate(pipeline: Pipeline) -> None:
         raise bad("velocity", "a torch.nn.Module mapping (x_t, t, cond) to v_pred")
     if pipeline.grad_scaler is not None and not callable(getattr(pipeline.grad_scaler, "scale", None)):
         raise bad("grad_scaler", "a torch.amp.GradScaler")
+    if pipeline.before_optimizer_step is not None and not callable(pipeline.before_optimizer_step):
+        raise bad("before_optimizer_step", "a zero-argument callable (e.g. gradient clipping)")
+    scheduler = pipeline.lr_scheduler
+    if scheduler is not None and not all(callable(getattr(scheduler, m, None))
+                                         for m in ("step", "state_dict", "load_state_dict")):
+        raise bad("lr_scheduler", "an LR scheduler with step(), state_dict() and load_state_dict()")
     _validate_generators(pipeline.generators)
 
 

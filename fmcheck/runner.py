@@ -97,6 +97,15 @@ def _error_result(check: type[Check], exc: BaseException, debug: bool, duration:
                        duration_s=duration, error=traceback_text)
 
 
+def check_timeout(check: type[Check], settings: Settings) -> float:
+    """The per-check time limit: --timeout when given (command line or config), else the check's own
+    ``timeout_for(settings)`` when it has one (the overfit: its time budget plus a margin), else the default."""
+    own = getattr(check, "timeout_for", None)
+    if "timeout" in settings.model_fields_set or own is None:
+        return settings.timeout
+    return float(own(settings))
+
+
 def run_check(check: type[Check], ctx: Context, thresholds: Any, snapshot: StateSnapshot) -> CheckResult:
     """Measure and judge one check in isolation; the user's state is restored whatever happens.
 
@@ -105,10 +114,11 @@ def run_check(check: type[Check], ctx: Context, thresholds: Any, snapshot: State
     """
     start = time.perf_counter()
     ctx.check_id = check.id
-    ctx.deadline = time.monotonic() + ctx.settings.timeout
+    limit = check_timeout(check, ctx.settings)
+    ctx.deadline = time.monotonic() + limit
     left: list[str] = []
     try:
-        with time_limit(ctx.settings.timeout):
+        with time_limit(limit):
             reason_outcome = capture(_missing_needs, check, ctx.pipeline, ctx)
             measured = capture(check().measure, ctx) if reason_outcome.ok and reason_outcome.value is None else None
     finally:

@@ -74,6 +74,11 @@ def build():
         # "generators": {{"noise": noise_gen}},      # torch.Generators your step draws from, if fmcheck cannot
         #                                            # find them (it looks in the DataLoader, the step's closure
         #                                            # and its object): restored afterwards, replayed in overfit
+        # The extras of your training loop, which `overfit` runs where your loop runs them:
+        # "before_optimizer_step": lambda: torch.nn.utils.clip_grad_norm_(
+        #     [*head.parameters(), *velocity.parameters()], 1.0),   # after backward (and scaler.unscale_), before
+        #                                                           # optimizer.step()
+        # "lr_scheduler": scheduler,                 # stepped after each optimizer step (state restored afterwards)
     }}
 
 

@@ -45,7 +45,7 @@ from .contract import Pipeline
 from .errors import PipelineError
 
 # Pipeline fields holding an object with state_dict() / load_state_dict() that a check may advance.
-EXTRA_STATEFUL = ("grad_scaler",)
+EXTRA_STATEFUL = ("grad_scaler", "lr_scheduler")
 
 # Where torch keeps its process-wide hook registries (module attributes named _global_*).
 _GLOBAL_HOOK_HOMES = ("torch.nn.modules.module", "torch.optim.optimizer")

@@ -20,7 +20,7 @@ from fmcheck.state import state_digest
 from fmcheck.verdict import Verdict
 
 RULES = om.Rules(loss_drop=0.5, cos_pass=0.8, scale_fail=4.0, diverge=10.0, trend_after=0.3, trend_optimism=2.0,
-                 trend_reach=0.5)  # the defaults
+                 trend_reach=0.5)  # the defaults of the replayed regime (scale_fail as these curves were written for)
 COLUMNS = {name: i for i, name in enumerate(["fm", "cos", "power", "x0", "x1", "max:x0", "max:loss"])}
 KEYS = ["max:x0", "max:loss"]
 
@@ -164,9 +164,48 @@ def test_when_the_budget_runs_out_undecided():
     assert t.finish(1000).outcome == om.SCALE_MOVING
 
 
+def test_a_fresh_randomness_run_is_judged_on_its_fall_not_on_an_absolute_cos():
+    # a conditional-mean floor: 30% of the loss goes, cos settles at 0.45 from 0
+    rows = curve(400, fm=lambda s: 1.0 - 0.3 * min(1.0, s / 40), cos=lambda s: 0.45 * min(1.0, s / 40))
+    fresh = om.Rules(**{**RULES.__dict__, "loss_drop": 0.25, "cos_gain": 0.4})
+    assert fresh.cos_target(om.Point(step=0, fm=1.0, cos=0.0)) == pytest.approx(0.4)
+    t = om.Tracker(COLUMNS, epoch=2, window=8, rules=fresh, nonfinite_keys=KEYS, initial_rows=[row(), row()])
+    decision = t.feed(rows, 400)
+    assert decision.passed and decision.step == 48  # the window [32, 40) averages cos 0.399, just short of 0.4
+    replayed = tracker()  # the replayed set's bar is absolute: cos 0.8, and this run never gets there
+    assert replayed.feed(rows, 400) is None and replayed.finish(400).outcome == om.BUDGET
+
+
+def test_no_pass_before_min_steps():
+    rows = curve(100, fm=lambda s: 0.1, cos=lambda s: 0.95)
+    rules = om.Rules(**{**RULES.__dict__, "min_steps": 32})
+    t = om.Tracker(COLUMNS, epoch=2, window=8, rules=rules, nonfinite_keys=KEYS, initial_rows=[row(), row()])
+    decision = t.feed(rows, 300)
+    assert decision.passed and decision.step == 32
+
+
+def test_parameters_outside_the_optimizer_and_silent_modules_fail_at_the_first_checkpoint():
+    columns = {**COLUMNS, "grad:head": len(COLUMNS), "grad:velocity": len(COLUMNS) + 1}
+    rows = [row(fm=0.1, cos=0.95) + [1.0, 0.0] for _ in range(40)]
+    t = om.Tracker(columns, epoch=2, window=8, rules=RULES, nonfinite_keys=KEYS,
+                   initial_rows=[row() + [1.0, 0.0]] * 2, module_grad_keys=["grad:head", "grad:velocity"])
+    decision = t.feed(rows, 300)
+    assert decision.outcome == om.NO_GRADIENT and decision.step == 8 and decision.extra["modules"] == ["velocity"]
+    t = om.Tracker(columns, epoch=2, window=8, rules=RULES, nonfinite_keys=KEYS,
+                   initial_rows=[row() + [1.0, 1.0]] * 2, not_in_optimizer=["velocity"])
+    assert t.feed(rows, 300).outcome == om.NOT_IN_OPTIMIZER
+
+
+def test_the_time_budget_never_judges_a_partial_window():
+    t = tracker()
+    assert t.feed(curve(12, fm=lambda s: 1.0, cos=lambda s: 0.0), 300) is None
+    assert t.finish(300, out_of_time=True).outcome == om.OUT_OF_TIME
+
+
 # ------------------------------------------------------------------------------------------ small pipelines
 def quick(seed=0, kl_weight=1.0, lr=5e-3, nan_at=None, raise_at=None, interrupt_at=None, no_grad_velocity=False,
-          head_only_optimizer=False, scaler=None, outputs=None, lr_zero=False, head_lr=None, wrap_velocity=None):
+          head_only_optimizer=False, scaler=None, outputs=None, lr_zero=False, head_lr=None, wrap_velocity=None,
+          private_t=False, pause=None):
     """A small correct noise-free FM pipeline (32 samples, two batches) that overfits in about 150 steps on a CPU."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -178,14 +217,19 @@ def quick(seed=0, kl_weight=1.0, lr=5e-3, nan_at=None, raise_at=None, interrupt_
         velocity = wrap_velocity(velocity)
     batches = [{"q": q[i:i + 16], "x1": x1_all[i:i + 16]} for i in (0, 16)]
     total = 1000
+    generator = torch.Generator().manual_seed(seed)  # private_t: t from the step's own generator
+    calls = [0]
 
     def step(batch, step_index):
+        calls[0] += 1
+        if pause is not None:
+            pause(calls[0])
         mu, logvar = head(batch["q"]).chunk(2, dim=-1)
         logvar = logvar.clamp(-6, 6)
         eps = torch.randn_like(mu)
         x0 = mu + (0.5 * logvar).exp() * eps
         x1 = batch["x1"]
-        t = torch.rand(x0.shape[0])
+        t = torch.rand(x0.shape[0], generator=generator) if private_t else torch.rand(x0.shape[0])
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1
         if nan_at is not None and step_index >= nan_at:
             xt = xt * torch.tensor(float("nan"))
@@ -282,13 +326,13 @@ def test_a_nan_mid_run_fails_at_once_naming_the_output_and_the_step():
     assert measured(result, "first non-finite output").value == "xt at step 7"
 
 
-def test_a_velocity_net_that_gets_no_gradient_fails_on_its_trend_and_says_so():
+def test_a_velocity_net_that_gets_no_gradient_fails_at_the_first_checkpoint_and_says_so():
     report, result = run_overfit(quick(no_grad_velocity=True))
     assert result.verdict is Verdict.FAIL
-    assert result.details["outcome"] == om.STALLED
-    assert "'velocity' receives no gradient" in result.summary
+    assert result.details["outcome"] == om.NO_GRADIENT
+    assert "'velocity' received no gradient in any of the first 8 steps" in result.summary
     assert measured(result, "grad norm 'velocity' final").verdict is Verdict.WARN
-    assert measured(result, "steps to verdict").value <= 0.3 * Settings().max_steps + 8
+    assert measured(result, "steps to verdict").value == result.details["window"] == 8
 
 
 def test_an_optimizer_that_misses_the_velocity_net_fails_and_names_it():
@@ -299,10 +343,10 @@ def test_an_optimizer_that_misses_the_velocity_net_fails_and_names_it():
 
 
 def test_a_kl_too_weak_to_hold_the_head_fails_as_scale_drift():
-    report, result = run_overfit(quick(kl_weight=0.0, head_lr=1e-2))  # no KL, a faster head
+    report, result = run_overfit(quick(kl_weight=0.0, head_lr=3e-2))  # no KL, a faster head
     assert result.verdict is Verdict.FAIL, result.summary
     assert result.summary.startswith("scale drift: ||x0||/||x1|| went ")
-    assert "limit 4x" in result.summary and "KL weight of 0" in result.summary
+    assert "limit 3x" in result.summary and "KL weight of 0" in result.summary
     assert "KL weight" in result.hint and "ratio correction" in result.hint
     assert measured(result, "scale drift").verdict is Verdict.FAIL
 
@@ -331,22 +375,143 @@ def test_the_users_state_is_bit_identical_afterwards(case):
     assert state_digest(pipeline) == before
 
 
-def test_a_time_budget_too_short_for_a_verdict_warns_instead_of_failing():
-    report, result = run_overfit(quick(), time_budget=0.3)
+# Before training, the step runs once for the runner's probe, once per batch for the overfit's initial pass (2 batches
+# here) and once more to verify that the randomness replays: training step k (from 0) is call 5 + k.
+FIRST_TRAINING_CALL = 5
+
+
+class FakeClock:
+    """The overfit's clock, advanced only by the step: one second per call, whatever the machine's speed."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def tick(self, call):
+        self.now += 1.0
+
+
+@pytest.mark.parametrize("bug", [{}, {"no_grad_velocity": True}], ids=["correct", "velocity-without-gradient"])
+def test_a_short_time_budget_never_fails_what_a_long_one_decides(bug, monkeypatch):
+    """The same pipeline under a budget that runs out by construction (every step takes one second of a fake clock,
+    the budget 2.5 of them: out of time after 3 steps, before the first checkpoint at step 8) and under a long one:
+    inconclusive, never FAIL, from the short."""
+    import time
+    from types import SimpleNamespace
+
+    import fmcheck.checks.overfit as overfit_module
+
+    verdicts = {}
+    for budget in (2.5, 600.0):
+        clock = FakeClock()
+        monkeypatch.setattr(overfit_module, "time", SimpleNamespace(perf_counter=clock, process_time=time.process_time,
+                                                                    monotonic=time.monotonic))
+        verdicts[budget] = run_overfit(quick(pause=clock.tick, **bug), time_budget=budget)[1]
+    short, long = verdicts[2.5], verdicts[600.0]
+    assert short.verdict is Verdict.WARN, short.summary
+    assert short.details["outcome"] == om.OUT_OF_TIME and short.details["steps_run"] == 3
+    assert short.summary.startswith("inconclusive: the time budget (2.5 s) ended the run after 3 steps")
+    assert "--time-budget 60" in short.hint
+    assert long.verdict is (Verdict.FAIL if bug else Verdict.PASS), long.summary
+
+
+def test_a_step_that_hangs_ends_the_check_within_the_budget_and_its_grace(monkeypatch):
+    """The fourth training step waits on an event nobody sets; the overfit's clock is frozen, so only the hang (a real
+    SIGALRM after the 1 s budget and its 1 s grace) can end the run."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import fmcheck.checks.overfit as overfit_module
+
+    monkeypatch.setattr(overfit_module, "time", SimpleNamespace(perf_counter=lambda: 0.0, monotonic=time.monotonic,
+                                                                process_time=time.process_time))
+    never = threading.Event()
+    pause = lambda n: never.wait(60) if n == FIRST_TRAINING_CALL + 3 else None  # noqa: E731
+    report, result = run_overfit(quick(pause=pause), time_budget=1.0)
     assert result.verdict is Verdict.WARN, result.summary
-    assert result.details["outcome"] == om.OUT_OF_TIME
-    assert result.summary.startswith("no verdict: the time budget (0.3 s) ended the run after ")
-    assert "--time-budget" in result.hint
+    assert result.details["outcome"] == om.HUNG and result.details["steps_run"] <= 3  # 3 unless the alarm came first
+    assert result.summary.startswith("inconclusive: a step exceeded the time budget (1 s) after ")
+    assert result.duration_s < 30  # budget 1 s + grace 1 s (+ setup), not the 300 s default limit
+
+
+def test_the_per_check_limit_follows_the_time_budget_unless_timeout_is_set():
+    from fmcheck.checks.overfit import timeout_for
+    from fmcheck.runner import check_timeout
+
+    assert check_timeout(OverfitCheck, Settings(time_budget=900)) == timeout_for(Settings(time_budget=900)) >= 900
+    assert check_timeout(OverfitCheck, Settings(time_budget=900, timeout=100)) == 100
+    result = run_overfit(quick(), time_budget=900, timeout=20)[1]
+    note = measured(result, "time budget")
+    assert note.value < 20 and "capped" in note.expected and "--timeout 20" in note.expected
+
+
+def test_the_sets_randomness_is_replayed_and_verified(passing_run):
+    result, _ = passing_run
+    assert result.details["randomness"] == "replayed" and result.details["changed_outputs"] == []
+    assert measured(result, "randomness of the set").value == "replayed"
+
+
+def test_a_step_drawing_from_its_own_generator_is_reported_and_judged_as_fresh_randomness():
+    result = run_overfit(quick(private_t=True))[1]
+    assert result.details["randomness"] == "fresh"
+    assert result.details["changed_outputs"][:2] == ["t", "xt"]  # t first, and what follows from it
+    assert "t, xt" in measured(result, "randomness of the set").expected
+    assert result.verdict is Verdict.PASS, result.summary
+    assert "fresh randomness each pass" in result.summary
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("before_optimizer_step", 3, "expected a zero-argument callable"),
+    ("lr_scheduler", object(), "expected an LR scheduler with step(), state_dict() and load_state_dict()"),
+])
+def test_the_training_extras_are_validated_like_every_field(field, value, expected):
+    import re
+
+    from fmcheck.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=re.escape(f"pipeline field '{field}': {expected}")):
+        coerce({**quick(), field: value})
+
+
+def test_the_users_training_extras_run_in_the_loop_and_are_restored():
+    pipeline = quick()
+    params = [p for group in pipeline["optimizer"].param_groups for p in group["params"]]
+    clipped = []
+    pipeline["before_optimizer_step"] = lambda: clipped.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
+    pipeline["lr_scheduler"] = torch.optim.lr_scheduler.StepLR(pipeline["optimizer"], step_size=5, gamma=0.5)
+    pipeline = coerce(pipeline)
+    before = state_digest(pipeline)
+    lr_before = [g["lr"] for g in pipeline.optimizer.param_groups]
+    result = run_overfit(pipeline)[1]
+    assert result.verdict is not Verdict.ERROR, result.error
+    assert len(clipped) == result.details["steps_run"] > 0
+    assert measured(result, "training extras run").value == "before_optimizer_step, lr_scheduler"
+    assert [g["lr"] for g in pipeline.optimizer.param_groups] == lr_before
+    assert state_digest(pipeline) == before
 
 
 def test_it_skips_with_a_reason_when_inputs_are_missing():
     pipeline = quick()
     pipeline.pop("optimizer")
     assert "needs pipeline field 'optimizer'" in run_overfit(pipeline)[1].summary
-    result = run_overfit(quick(outputs={"loss", "v_target"}))[1]
-    assert result.verdict is Verdict.SKIP and "step output lacks 'v_pred'" in result.summary
     result = run_overfit(quick(lr_zero=True))[1]
     assert result.verdict is Verdict.SKIP and "learning rate is 0" in result.summary
+
+
+def test_a_step_that_returns_only_its_loss_is_judged_on_the_loss_alone():
+    result = run_overfit(quick(outputs={"loss"}))[1]
+    assert result.verdict is Verdict.PASS, result.summary
+    assert "no v_pred, v_target: judged on the loss alone" in result.summary
+    assert measured(result, "cos(v_pred, v_target)").value == "not measured"
+    assert "cos" not in result.details["curves"] and "cos" not in result.details["curve_guides"]
+    assert result.details["randomness"] == "replayed"  # verified on the loss, the one output there is
+    broken = run_overfit(quick(outputs={"loss"}, no_grad_velocity=True))[1]
+    assert broken.verdict is Verdict.FAIL and broken.details["outcome"] == om.NO_GRADIENT, broken.summary
+    fresh = run_overfit(quick(outputs={"loss"}, private_t=True))[1]
+    assert fresh.details["changed_outputs"] == ["loss"] and fresh.verdict is not Verdict.FAIL, fresh.summary
 
 
 def test_without_x0_and_x1_it_still_judges_the_fit_and_says_the_scale_was_not_watched():
@@ -394,12 +559,15 @@ def test_the_console_report_draws_the_curves(passing_run):
 
 
 def ddp_pipeline() -> dict:
-    """`quick`, its velocity net wrapped in DistributedDataParallel when a process group exists (for torchrun)."""
+    """`quick`, its velocity net wrapped in DistributedDataParallel when a process group exists (for torchrun); the
+    second rank's head learns more slowly, so that the ranks reach their verdicts at different steps."""
     import torch.distributed as dist
 
     from torch.nn.parallel import DistributedDataParallel
 
-    return quick(wrap_velocity=DistributedDataParallel if dist.is_initialized() else None)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return quick(wrap_velocity=DistributedDataParallel if dist.is_initialized() else None,
+                 head_lr=5e-3 if rank == 0 else 5e-4, lr=5e-3 if rank == 0 else 1e-3)
 
 
 def test_under_torchrun_ranks_step_in_lockstep_and_stop_together(tmp_path):
@@ -453,3 +621,33 @@ def test_the_nan_digits_fixture_fails_before_training(digits_available):
     result = run_overfit(build(), samples=128)[1]
     assert result.verdict is Verdict.FAIL
     assert "'kl' is non-finite at the first forward, before any update" in result.summary
+
+
+def test_the_digits_verdict_is_replayed_and_quick(digits_available):
+    from fixtures.digits import build
+
+    result = run_overfit(build(), samples=128)[1]
+    assert result.details["randomness"] == "replayed"
+    assert measured(result, "steps to verdict").value <= 72  # half of the 144 steps fresh randomness needed
+
+
+def test_a_private_generator_fixture_is_reported_as_fresh_randomness_and_passes(digits_available):
+    from fixtures.correct.private_generator import build
+
+    result = run_overfit(build(), samples=128)[1]
+    assert result.details["randomness"] == "fresh"
+    assert {"t", "eps"} <= set(result.details["changed_outputs"])
+    assert result.verdict is Verdict.PASS, result.summary
+    assert "fresh randomness each pass (x0, t, eps" in result.summary
+
+
+@pytest.mark.parametrize("name", ["overfit_optimizer_misses_velocity", "overfit_velocity_under_no_grad",
+                                  "overfit_kl_weight_too_weak"])
+def test_the_digits_overfit_bugs_fail(digits_available, name):
+    import importlib
+
+    result = run_overfit(importlib.import_module(f"fixtures.bugs.{name}").build(), samples=128)[1]
+    assert result.verdict is Verdict.FAIL, result.summary
+    expected = {"overfit_optimizer_misses_velocity": om.NOT_IN_OPTIMIZER,
+                "overfit_velocity_under_no_grad": om.NO_GRADIENT, "overfit_kl_weight_too_weak": om.SCALE_DRIFT}
+    assert result.details["outcome"] == expected[name]
