@@ -93,7 +93,7 @@ class OverfitCheck(Check):
             "memorise, not a new one each pass. This is verified, not assumed: after the first pass, batch 0 runs "
             "once more at the same weights and the same seed, with the second pass's step_index; if any of x0, x1, "
             "t, eps, xt, v_target, mu, logvar or v_pred differs, the step draws from something the seeding does not "
-            "reach (its own `torch.Generator`, a sampler that keeps state, a re-pairing), the report names the "
+            "reach (a generator fmcheck does not find, a sampler that keeps state, a re-pairing), the report names the "
             "outputs that changed, and the run is judged as a fresh-randomness run.\n\n"
             "**Two regimes.** With the randomness replayed, all of the loss is reducible: a pass needs the relative "
             "fm_loss (below) down by `loss_drop` (50%) and cos(v_pred, v_target) at `cos_pass` (0.8). With fresh "
