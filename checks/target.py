@@ -116,7 +116,8 @@ def _draw_for_spread(ctx, limit: int) -> tuple[list, int]:
     return outputs, count
 
 
-def _measure_path(ctx, limit: int) -> dict[str, Any]:
+def _measure_path(ctx, limit: int, store: dict) -> dict[str, Any]:
+    """The path audit on the pooled cached outputs; ``store["fit"]`` receives the ScheduleFit for the implied audit."""
     import numpy as np
     import torch
 
@@ -155,6 +156,7 @@ def _measure_path(ctx, limit: int) -> dict[str, Any]:
     obs["fit"] = {"ok": fit.ok, "reason": fit.reason}
     if not fit.ok:
         return obs
+    store["fit"] = fit
     fa_lo, fb_lo = (float(v_[0]) for v_ in fit.values(np.array([fit.t_lo])))
     fa_hi, fb_hi = (float(v_[0]) for v_ in fit.values(np.array([fit.t_hi])))
     obs["fit"].update(residual=fit.residual, describe=fit.describe(), direction=pf.describe_direction(fit),
@@ -415,10 +417,8 @@ def _path_velocity_text(path: dict[str, Any]) -> str:
     return text
 
 
-def _judge_path(path: dict[str, Any], th: TargetThresholds, out: _Findings) -> None:
-    general_fix = ("Return as v_target the time derivative of your own x_t: for x_t = a(t) x0 + b(t) x1 it is "
-                   "a'(t) x0 + b'(t) x1, detached (x_t = (1-t) x0 + t x1 -> x1 - x0; x_t = t x0 + (1-t) x1 -> "
-                   "x0 - x1; x_t = cos(pi t/2) x0 + sin(pi t/2) x1 -> pi/2 (cos(pi t/2) x1 - sin(pi t/2) x0)).")
+def _judge_path(path: dict[str, Any], th: TargetThresholds, out: _Findings, primary: bool = True) -> None:
+    """The step outputs' path audit; with ``primary`` False (the implied audit decided) v_target is a cross-check."""
     if "problem" in path:
         out.add(flag("path fit", False, value=path["problem"], bad=Verdict.WARN),
                 f"path not audited: {path['problem']}",
@@ -462,59 +462,124 @@ def _judge_path(path: dict[str, Any], th: TargetThresholds, out: _Findings) -> N
             "a(t), b(t)",
             "Return the t that x_t was built with, one per sample, after any shift or warp of t (and the same t "
             "the velocity net receives).")
+    if primary:
+        _judge_match(path, path, th, out, subject="v_target")
+        return
+    # the implied audit decides; the step's v_target is reported as a cross-check
     cos, ratio = path["cos_median"], path["ratio_median"]
-    cos_m = out.add(at_least("median cos(v_target, path velocity)", cos, warn=th.cos_warn, fail=th.cos_fail))
-    ratio_m = out.add(ratio_within("median ||v_target|| / ||path velocity||", ratio,
-                                   warn_factor=th.norm_ratio_warn, fail_factor=th.norm_ratio_fail))
-    out.add(info("5th percentile cos", path["cos_p05"]))
-    samples = path["cos_samples"]
-    share = sum(1 for c in samples if c < th.cos_fail) / len(samples) if samples else 0.0
-    share_m = out.add(at_most(f"share of samples with cos < {th.cos_fail:g}", share, warn=th.disagree_share_warn,
-                              fail=None))
-    combo = path["v_combination"]
-    out.add(info("v_target ~ c x0 + d x1", f"c {combo['x0']:.3g}, d {combo['x1']:.3g}",
-                 expected=f"c = a'(t), d = b'(t): {_path_velocity_text(path)}"))
-    velocity_text = _path_velocity_text(path)
-    candidates = [dict(c) for c in path["candidates"]]
+    out.add(info("median cos(v_target, path velocity)", cos, expected="cross-check (the implied target decides)"))
+    out.add(info("median ||v_target|| / ||path velocity||", ratio, expected="cross-check"))
+
+
+def _candidate_list(path: dict[str, Any], found: dict[str, Any]) -> list[dict[str, Any]]:
+    candidates = [dict(c) for c in found["candidates"]]
     for c in candidates:
         if c["name"] == "x0" and path.get("source_is_noise"):
             c["name"] = "x0 (the source noise: an eps target)"
+    return candidates
+
+
+def _judge_match(path: dict[str, Any], found: dict[str, Any], th: TargetThresholds, out: _Findings,
+                 subject: str) -> bool:
+    """Judge ``found``'s cos / norm ratio against the path velocity (``subject``: "v_target" or "implied target")
+    and name the candidate it resembles; True when it matches."""
+    general_fix = ("Train the output toward the time derivative of your own x_t: for x_t = a(t) x0 + b(t) x1 it is "
+                   "a'(t) x0 + b'(t) x1, detached (x_t = (1-t) x0 + t x1 -> x1 - x0; x_t = t x0 + (1-t) x1 -> "
+                   "x0 - x1; x_t = cos(pi t/2) x0 + sin(pi t/2) x1 -> pi/2 (cos(pi t/2) x1 - sin(pi t/2) x0)).")
+    label = "the loss's implied target" if subject != "v_target" else "v_target"
+    cos, ratio = found["cos_median"], found["ratio_median"]
+    cos_m = out.add(at_least(f"median cos({subject}, path velocity)", cos, warn=th.cos_warn, fail=th.cos_fail))
+    ratio_m = out.add(ratio_within(f"median ||{subject}|| / ||path velocity||", ratio,
+                                   warn_factor=th.norm_ratio_warn, fail_factor=th.norm_ratio_fail))
+    out.add(info(f"5th percentile cos ({subject})", found["cos_p05"]))
+    samples = found["cos_samples"]
+    share = sum(1 for c in samples if c < th.cos_fail) / len(samples) if samples else 0.0
+    share_m = out.add(at_most(f"share of samples with cos < {th.cos_fail:g}" + (f" ({subject})" if subject !=
+                                                                                 "v_target" else ""),
+                              share, warn=th.disagree_share_warn, fail=None))
+    if subject == "v_target":
+        combo = path["v_combination"]
+        out.add(info("v_target ~ c x0 + d x1", f"c {combo['x0']:.3g}, d {combo['x1']:.3g}",
+                     expected=f"c = a'(t), d = b'(t): {_path_velocity_text(path)}"))
+    velocity_text = _path_velocity_text(path)
+    candidates = _candidate_list(path, found)
     if cos_m.verdict is not Verdict.PASS:
         best = candidates[0]
         alike = [c["name"] for c in candidates if c["cos"] >= best["cos"] - TIE]
         concrete = [n for n in alike if "path velocity" not in n]
         if "minus the path velocity (flipped sign)" in alike:
-            what = "v_target has the flipped sign"
+            what = f"{label} has the flipped sign"
             if concrete:
                 what += f" (it is {concrete[0]})"
             problem = f"{what}: median cos {cos:.3f} with the path velocity"
-            fix = f"Negate the target: v_target = d x_t / dt ({velocity_text}). " + general_fix
+            fix = f"Negate the target: train toward d x_t / dt ({velocity_text}). " + general_fix
         elif best["cos"] >= th.cos_warn and best["name"] != "the path velocity":
             ratio_text = f", norm ratio {best['ratio']:.3g}"
-            problem = (f"v_target is not the path velocity (median cos {cos:.3f}); it is {best['name']} "
+            problem = (f"{label} is not the path velocity (median cos {cos:.3f}); it is {best['name']} "
                        f"(cos {best['cos']:.3f}{ratio_text})")
             fix = f"{_candidate_fix(best['name'])}. ".lstrip(". ") + general_fix + f" Here: {velocity_text}."
         else:
             near = ", ".join(f"{c['name']} (cos {c['cos']:.2f})" for c in candidates[:3])
-            problem = f"v_target is not the path velocity: median cos {cos:.3f}; closest candidates: {near}"
+            problem = f"{label} is not the path velocity: median cos {cos:.3f}; closest candidates: {near}"
             fix = general_fix + f" Here: {velocity_text}."
         out.issues.append((cos_m.verdict, problem, fix))
     elif ratio_m.verdict is not Verdict.PASS:
         out.issues.append((ratio_m.verdict,
-                           f"v_target is {_fmt_ratio(ratio)} the path velocity (median norm ratio; cos {cos:.3f}): "
+                           f"{label} is {_fmt_ratio(ratio)} the path velocity (median norm ratio; cos {cos:.3f}): "
                            "a mis-scaled target",
-                           "Remove the extra factor from v_target: it must be exactly d x_t / dt "
+                           "Remove the extra factor from the target: it must be exactly d x_t / dt "
                            f"({velocity_text}). If the sampler integrates in another time variable (e.g. "
                            "phi = pi t / 2), return that variable as t."))
     if share_m.verdict is not Verdict.PASS and cos_m.verdict is Verdict.PASS:
         out.issues.append((share_m.verdict,
                            f"{share:.0%} of the samples have cos < {th.cos_fail:g} with the path velocity although "
                            f"the median is {cos:.3f}: the target is wrong for part of the batch or of the t range",
-                           "Compare v_target with d x_t / dt per t range; look for a branch on t (clamping, a "
+                           "Compare the target with d x_t / dt per t range; look for a branch on t (clamping, a "
                            "different formula near t=0 or t=1)."))
-    if cos_m.verdict is Verdict.PASS and ratio_m.verdict is Verdict.PASS:
+    fit = path["fit"]
+    matched = cos_m.verdict is Verdict.PASS and ratio_m.verdict is Verdict.PASS
+    if matched and subject == "v_target":
         out.good.append(f"v_target = path velocity (median cos {cos:.4f}, norm ratio {ratio:.3f}; "
                         f"{fit['direction']})")
+    return matched
+
+
+NEGATIVE_WEIGHT_FIX = ("A loss weight must be >= 0 for every t: a negative weight maximises the error there and "
+                       "trains the output away from its target. Check the sign of the weighting formula (e.g. "
+                       "diffusers' compute_loss_weighting_for_sd3) and of any factor multiplied into the loss.")
+
+
+def _judge_implied(implied: dict[str, Any], path: dict[str, Any], th: TargetThresholds, out: _Findings) -> bool:
+    """The implied-target audit; True when it decided the target verdict (the step's v_target is then a
+    cross-check)."""
+    if not implied.get("ok"):
+        out.add(info("implied target", f"not measured: {implied.get('reason', '?')}",
+                     expected="the loss gradient w.r.t. the velocity module's output"))
+        return False
+    out.add(info("velocity module (implied audit)", implied["module"], expected=implied["how"]))
+    weight = implied["weight"]
+    negative = weight["negative_share"]
+    out.add(at_most("share of samples with a negative loss weight", negative, warn=None, fail=0.0),
+            f"the loss weight is negative for {negative:.0%} of the samples (implied k_i from the loss gradient): "
+            "the loss trains the output away from its target there",
+            NEGATIVE_WEIGHT_FIX)
+    out.add(info("implied weight k(t) / median", weight["describe"],
+                 expected=f"spread {weight.get('spread', float('nan')):.3g}x, "
+                          f"{implied['zero_weight_share']:.0%} of samples with zero weight"))
+    if not implied.get("compared"):
+        out.add(info("implied target vs path velocity", f"not compared: {implied['not_compared']}"))
+        return False
+    found = {**implied, "candidates": implied["candidates"]}
+    matched = _judge_match(path, found, th, out, subject="implied target")
+    if matched:
+        relabel = ""
+        if implied.get("v_pred_is_raw") is False or path.get("cos_median", 1.0) < th.cos_warn:
+            relabel = (f"; the step's v_target is a relabelled target (median cos {path.get('cos_median', 0):.3f} "
+                       "with the path velocity): the loss preconditions the output")
+        out.good.append(f"the loss trains the raw output of {implied['module']} toward the path velocity (median "
+                        f"cos {implied['cos_median']:.4f}, norm ratio {implied['ratio_median']:.3f}; "
+                        f"{path['fit']['direction']}); loss weight {weight['describe']}{relabel}")
+    return True
 
 
 def _norm_text(value: float) -> str:
@@ -767,14 +832,20 @@ class TargetCheck(Check):
 
     def measure(self, ctx) -> dict[str, Any]:
         limits = self.Thresholds(**ctx.settings.thresholds.get(self.id, {}))
-        path = _measure_path(ctx, limits.max_batches)
+        from fmcheck.checks import _target_implied as ti
+
+        keep: dict[str, Any] = {}
+        path = _measure_path(ctx, limits.max_batches, keep)
+        implied = ti.measure_implied(ctx, keep.get("fit"), path.get("t_scale"))
         precision = _measure_precision(ctx.outputs(0))
         autograd = _measure_autograd(ctx)
-        return {"path": path, "precision": precision, "autograd": autograd}
+        return {"path": path, "implied": implied, "precision": precision, "autograd": autograd}
 
     def judge(self, obs: dict[str, Any], th: TargetThresholds) -> Judgement:
         out = _Findings()
-        _judge_path(obs["path"], th, out)
+        implied = obs.get("implied", {"ok": False, "reason": "not run"})
+        decided = "problem" not in obs["path"] and _judge_implied(implied, obs["path"], th, out)
+        _judge_path(obs["path"], th, out, primary=not decided)
         _judge_autograd(obs["autograd"], out)
         _judge_precision(obs["precision"], out)
         path = {k: v for k, v in obs["path"].items() if k != "cos_samples"}
@@ -782,6 +853,7 @@ class TargetCheck(Check):
             path["schedule"] = {**path["schedule"], "guides": {"cos": [[th.cos_warn, "warn"], [th.cos_fail, "fail"]]}}
         details = {
             "path": path,
+            "implied": {k: v for k, v in implied.items() if k != "cos_samples"},
             "gradients": obs["autograd"]["grads"],
             "roles": obs["autograd"]["roles"],
             "moving_target": obs["autograd"]["moving_target"],
