@@ -16,6 +16,9 @@ from .errors import PipelineError
 from .isolate import capture, describe
 
 
+PREDICTIONS = ("velocity", "epsilon", "sample")  # the parameterisations a sampler may convert from
+
+
 @dataclasses.dataclass(kw_only=True)
 class Pipeline:
     """What fmcheck needs of a training setup. Training code may return a plain dict with the same keys instead."""
@@ -32,6 +35,7 @@ class Pipeline:
     total_steps: Optional[int] = None
     velocity: Any = None
     grad_scaler: Any = None
+    prediction: str = "velocity"  # what the velocity module's raw output is trained to be: velocity, epsilon, sample
 
     def __post_init__(self) -> None:
         validate(self)
@@ -145,6 +149,9 @@ def validate(pipeline: Pipeline) -> None:
         raise bad("velocity", "a torch.nn.Module mapping (x_t, t, cond) to v_pred")
     if pipeline.grad_scaler is not None and not callable(getattr(pipeline.grad_scaler, "scale", None)):
         raise bad("grad_scaler", "a torch.amp.GradScaler")
+    if pipeline.prediction not in PREDICTIONS:
+        raise PipelineError(f"pipeline field 'prediction': expected one of {', '.join(repr(p) for p in PREDICTIONS)}, "
+                            f"got {pipeline.prediction!r}")
 
 
 def coerce(value: Any, source: str = "pipeline") -> Pipeline:
