@@ -11,11 +11,13 @@ export OMP_NUM_THREADS ?= 1
 
 setup: $(VENV)/.installed
 
+# torchcfm goes in without its dependencies: its torchdyn would pull torchvision, a CUDA build (pyproject.toml, `libs`).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "torchcfm>=1.0.7"
 	touch $@
 
 demo: setup

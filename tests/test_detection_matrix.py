@@ -22,6 +22,8 @@ BUILTIN = sorted(discover_checks().checks)
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=[f.name for f in FIXTURES])
 def test_fixture_verdicts(fixture):
+    if fixture.skip:
+        pytest.skip(f"{fixture.name}: {fixture.skip}")
     only = None if fixture.correct else sorted(fixture.expect)
     pipeline = load_pipeline(fixture.spec)
     before = state_digest(pipeline)
@@ -41,7 +43,8 @@ PROVEN_ELSEWHERE = {"ranks": "tests/test_distributed.py (fixtures/distributed/ra
 
 
 def test_every_builtin_check_catches_at_least_one_planted_bug():
-    caught = {check for f in FIXTURES if not f.correct for check, v in f.expect.items() if v in ("fail", "warn")}
+    caught = {check for f in FIXTURES if not f.correct and not f.skip
+              for check, v in f.expect.items() if v in ("fail", "warn")}
     missing = set(BUILTIN) - caught - set(PROVEN_ELSEWHERE)
     assert not missing, f"no planted bug proves these checks fire: {missing}"
 
