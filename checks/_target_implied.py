@@ -256,15 +256,17 @@ def _layout_from_inputs(raw, xt, probe: Probe) -> Optional[Any]:
     return None
 
 
-def measure_implied(ctx, fit, t_scale: Optional[float]) -> dict[str, Any]:
-    """The implied target and weight on batch 0, compared with the fitted path velocity (``fit``: a ScheduleFit of
-    the path audit, or None when it could not be fitted)."""
+def measure_implied(ctx, path_fit: dict, t_scale: Optional[float]) -> dict[str, Any]:
+    """The implied target and weight on batch 0, compared with the fitted path velocity (``path_fit``: what the
+    path audit fitted: "fit", a ScheduleFit, and "noise_slope", s'/s of a returned noise term; empty when it could
+    not fit)."""
     import numpy as np
     import torch
 
     from . import _path_fit as pf
     from . import _structure_math as sm
 
+    fit = path_fit.get("fit")
     batch = ctx.batches(1)[0]
     module, name, how = locate(ctx, batch)
     if module is None:
@@ -331,6 +333,15 @@ def measure_implied(ctx, fit, t_scale: Optional[float]) -> dict[str, Any]:
     work = x0.device if x0.device.type != "mps" else torch.device("cpu")
     as_t = lambda v: torch.as_tensor(v, dtype=torch.float64, device=work)  # noqa: E731
     expected = pf.expected_velocity(x0.to(work), x1.to(work), as_t(da), as_t(db))
+    without_noise = None
+    noise = out.get("noise")
+    xt_step = out.get("xt")
+    if "noise_slope" in path_fit and isinstance(noise, torch.Tensor) and noise.shape == x0.shape and \
+            isinstance(xt_step, torch.Tensor) and xt_step.shape == x0.shape:
+        noise = noise.detach().to(work)
+        s_i = pf.fit_samples_with_noise(x0.to(work), x1.to(work), noise, xt_step.detach().to(work)).s
+        without_noise = expected
+        expected = expected + (as_t(path_fit["noise_slope"](t_in)) * s_i)[:, None] * pf.flat(noise)
     target = target.to(work)
     rows = trained.to(work)
     cos, ratio = pf.cosine_and_ratio(target[rows], expected[rows])
@@ -349,7 +360,7 @@ def measure_implied(ctx, fit, t_scale: Optional[float]) -> dict[str, Any]:
     xt = xt.detach().to(work) if isinstance(xt, torch.Tensor) and xt.shape == x0.shape else x0.to(work)
     candidates = pf.candidate_targets(x0[rows.to(x0.device)].to(work), x1[rows.to(x1.device)].to(work),
                                       xt[rows], expected[rows], eps[rows] if eps is not None else None,
-                                      as_t(fa)[rows])
+                                      as_t(fa)[rows], without_noise[rows] if without_noise is not None else None)
     obs["candidates"] = [{"name": r.name, "cos": r.cos, "ratio": r.ratio}
                          for r in pf.resemblances(target[rows], candidates)]
     v_target = out.get("v_target")

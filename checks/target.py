@@ -23,7 +23,9 @@ from fmcheck.verdict import Verdict
 
 PATH_KEYS = ("x0", "x1", "t", "xt", "v_target")
 HALF = ("torch.float16", "torch.bfloat16")
+NOISE_TERM_MIN = 1e-6  # ||s_i noise_i|| / ||x_t|| above this: the returned 'noise' is a term of the path
 ZERO_REL = 1e-8  # a gradient norm below this fraction of the largest one in its term counts as none
+IDENTIFIED = 0.999  # a wrong candidate this close to the target names it: a near-miss WARN becomes a FAIL
 TIE = 0.005  # candidates whose median cosine is within this of the best are reported together
 DETACH_FIX = ("Detach the target: v_target = (x1 - x0).detach() (or build it from x0.detach(), x1.detach()). Only "
               "u_theta(x_t, t) may carry gradient; the head gets its gradient through x_t (the reparameterised z0).")
@@ -62,7 +64,7 @@ def _gather_path(outputs: list) -> dict[str, Any]:
 
     from fmcheck.checks import _path_fit as pf
 
-    parts: dict[str, list] = {k: [] for k in ("x0", "x1", "xt", "v_target", "eps", "t")}
+    parts: dict[str, list] = {k: [] for k in ("x0", "x1", "xt", "v_target", "eps", "noise", "t")}
     for out in outputs:
         missing = out.missing(PATH_KEYS)
         if missing:
@@ -82,13 +84,16 @@ def _gather_path(outputs: list) -> dict[str, Any]:
         if t is None:
             return {"problem": f"'t' of shape {tuple(out.tensor('t').shape)} is not one time per sample"}
         parts["t"].append(t)
-        eps = out.get("eps")
-        if isinstance(eps, torch.Tensor) and eps.dim() >= 1 and eps.shape[0] == n and eps[0].numel() == x0[0].numel():
-            parts["eps"].append(_work(eps.detach()))
+        for key in ("eps", "noise"):  # the reparam noise; the path's own noise term (torchcfm's return_noise)
+            extra = out.get(key)
+            if isinstance(extra, torch.Tensor) and extra.dim() >= 1 and extra.shape[0] == n and \
+                    extra[0].numel() == x0[0].numel():
+                parts[key].append(_work(extra.detach()))
     pooled = {k: torch.cat([p.reshape(p.shape[0], -1) for p in v]) for k, v in parts.items()
-              if v and k != "t" and k != "eps"}
-    pooled["eps"] = torch.cat([p.reshape(p.shape[0], -1) for p in parts["eps"]]) \
-        if len(parts["eps"]) == len(outputs) else None
+              if v and k not in ("t", "eps", "noise")}
+    for key in ("eps", "noise"):
+        pooled[key] = torch.cat([p.reshape(p.shape[0], -1) for p in parts[key]]) \
+            if len(parts[key]) == len(outputs) else None
     pooled["t"] = torch.cat(parts["t"]).numpy()
     return pooled
 
@@ -135,7 +140,14 @@ def _measure_path(ctx, limit: int, store: dict) -> dict[str, Any]:
     t, scale = pf.normalise_time(raw_t)
     obs.update(samples=int(x0.shape[0]), t_scale=scale, t_raw_max=float(np.max(raw_t)),
                t_raw_min=float(np.min(raw_t)))
+    noise, noise_s = pooled["noise"], None
     samples = pf.fit_samples(x0, x1, xt)
+    if noise is not None:
+        with_noise = pf.fit_samples_with_noise(x0, x1, noise, xt)
+        size = float((with_noise.s[:, None] * pf.flat(noise)).norm()) / max(float(pf.flat(xt).norm()), 1e-30)
+        obs["noise_term"] = {"share": size, "residual_without": samples.relative_residual()}
+        if size > NOISE_TERM_MIN:  # a returned noise that x_t actually carries: model it (else sigma = 0)
+            samples, noise_s = with_noise.samples, with_noise.s
     combo = pf.fit_combination(v, x0, x1)
     a, b, usable = (samples.a.cpu().numpy(), samples.b.cpu().numpy(), samples.usable.cpu().numpy())
     obs["usable_share"] = float(usable.mean())
@@ -167,6 +179,15 @@ def _measure_path(ctx, limit: int, store: dict) -> dict[str, Any]:
     da_t = torch.as_tensor(da, dtype=torch.float64, device=device)
     db_t = torch.as_tensor(db, dtype=torch.float64, device=device)
     expected = pf.expected_velocity(x0, x1, da_t, db_t)
+    without_noise = None
+    if noise_s is not None:
+        log_slope, described = pf.noise_log_slope(t[usable], noise_s.cpu().numpy()[usable])
+        store["noise_slope"] = log_slope
+        term = torch.as_tensor(log_slope(t), dtype=torch.float64, device=device) * noise_s
+        obs["noise_term"].update(describe=described, s_median=float(noise_s.abs().median()),
+                                 log_slope_rms=float(np.sqrt(np.mean(log_slope(t) ** 2))))
+        without_noise = expected
+        expected = expected + term[:, None] * pf.flat(noise)
     cos, ratio = pf.cosine_and_ratio(v, expected)
     finite = torch.isfinite(cos) & torch.isfinite(ratio)
     cos_f, ratio_f = cos[finite], ratio[finite]
@@ -182,7 +203,7 @@ def _measure_path(ctx, limit: int, store: dict) -> dict[str, Any]:
         cos={"t": t[finite.cpu().numpy()][keep].tolist(), "cos": np.asarray(obs["cos_samples"])[keep].tolist()})
     obs["velocity_combination"] = {"x0": float(np.median(da)), "x1": float(np.median(db))}
     candidates = pf.candidate_targets(x0, x1, xt, expected, eps,
-                                      torch.as_tensor(fa, dtype=torch.float64, device=device))
+                                      torch.as_tensor(fa, dtype=torch.float64, device=device), without_noise)
     obs["candidates"] = [{"name": r.name, "cos": r.cos, "ratio": r.ratio} for r in pf.resemblances(v, candidates)]
     # no reparam noise, no mu/logvar: the source is plain noise, and x0 is what a DDPM codebase calls eps
     obs["source_is_noise"] = eps is None and "mu" not in outputs[0] and "logvar" not in outputs[0]
@@ -436,9 +457,18 @@ def _judge_path(path: dict[str, Any], th: TargetThresholds, out: _Findings, prim
     residual = path["xt_residual"]
     out.add(at_most("x_t off span(x0, x1)", residual, warn=th.xt_residual_warn, fail=th.xt_residual_fail),
             f"x_t is not a mix of the returned x0 and x1: {residual:.1%} of ||x_t|| lies outside span(x0, x1)",
-            "Build x_t from exactly the x0 and x1 you return (same samples, same order), with no extra noise term; "
-            "if your path adds noise on purpose (a stochastic interpolant), its target must include that term "
-            "and this check does not cover it.")
+            "Build x_t from exactly the x0 and x1 you return (same samples, same order), with no extra noise term. "
+            "If your path adds noise on purpose (torchcfm with sigma > 0, a Schrodinger bridge, a stochastic "
+            "interpolant), return that noise as the step output 'noise' (torchcfm: return_noise=True): the check "
+            "then fits its std s(t) and expects the target a'(t) x0 + b'(t) x1 + s'(t)/s(t) (x_t - mu_t).")
+    noise = path.get("noise_term")
+    if noise and "describe" in noise:
+        out.add(info("noise term of x_t (step output 'noise')", noise["share"], unit="of ||x_t||",
+                     expected=f"{noise['describe']}; RMS s'/s {noise['log_slope_rms']:.3g} (the target's "
+                              f"s'/s (x_t - mu_t) term); off span(x0, x1) without it: "
+                              f"{noise['residual_without']:.1%}"))
+        out.good.append(f"x_t carries the returned noise ({noise['share']:.1%} of ||x_t||, {noise['describe']}): "
+                        "the path velocity includes its s'/s term")
     fit = path["fit"]
     if not fit["ok"]:
         combo = path["v_combination"]
@@ -490,7 +520,13 @@ def _judge_match(path: dict[str, Any], found: dict[str, Any], th: TargetThreshol
     if path.get("prediction", "velocity") != "velocity":
         return _judge_declared(path, found, th, out, subject, label)
     cos, ratio = found["cos_median"], found["ratio_median"]
-    cos_m = out.add(at_least(f"median cos({subject}, path velocity)", cos, warn=th.cos_warn, fail=th.cos_fail))
+    cos_m = at_least(f"median cos({subject}, path velocity)", cos, warn=th.cos_warn, fail=th.cos_fail)
+    identified = next((c for c in _candidate_list(path, found) if c["cos"] >= IDENTIFIED and "path velocity" not in
+                       c["name"]), None)
+    if cos_m.verdict is Verdict.WARN and identified is not None:
+        # not a near miss: the target IS another quantity (e.g. the path velocity without its noise term)
+        cos_m = cos_m.model_copy(update={"verdict": Verdict.FAIL})
+    out.add(cos_m)
     ratio_m = out.add(ratio_within(f"median ||{subject}|| / ||path velocity||", ratio,
                                    warn_factor=th.norm_ratio_warn, fail_factor=th.norm_ratio_fail))
     out.add(info(f"5th percentile cos ({subject})", found["cos_p05"]))
@@ -508,6 +544,7 @@ def _judge_match(path: dict[str, Any], found: dict[str, Any], th: TargetThreshol
     if cos_m.verdict is not Verdict.PASS:
         best = candidates[0]
         alike = [c["name"] for c in candidates if c["cos"] >= best["cos"] - TIE]
+        best = next((c for c in candidates if c["name"] in alike and "noise term" in c["name"]), best)
         concrete = [n for n in alike if "path velocity" not in n]
         if "minus the path velocity (flipped sign)" in alike:
             what = f"{label} has the flipped sign"
@@ -872,7 +909,7 @@ class TargetCheck(Check):
         store: dict[str, Any] = {}
         path = _measure_path(ctx, limits.max_batches, store)
         path["prediction"] = ctx.pipeline.prediction
-        implied = ti.measure_implied(ctx, store.get("fit"), path.get("t_scale"))
+        implied = ti.measure_implied(ctx, store, path.get("t_scale"))
         precision = _measure_precision(ctx.outputs(0))
         autograd = _measure_autograd(ctx)
         return {"path": path, "implied": implied, "precision": precision, "autograd": autograd}

@@ -501,3 +501,80 @@ def test_the_prediction_field_is_validated():
 
     with pytest.raises(PipelineError, match="'prediction'"):
         coerce({**fm_variants.build(), "prediction": "v"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# paths with a noise term (torchcfm sigma > 0, Schrodinger bridge)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_noise_term_fit_recovers_the_bridge_std_and_its_log_slope():
+    x0, x1, t, gen = _endpoints()
+    noise = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    s = 0.7 * torch.sqrt(t * (1 - t))
+    xt = (1 - t)[:, None] * x0 + t[:, None] * x1 + s[:, None] * noise
+    fitted = pf.fit_samples_with_noise(x0, x1, noise, xt)
+    assert torch.allclose(fitted.s, s, atol=1e-10) and fitted.samples.relative_residual() < 1e-10
+    assert torch.allclose(fitted.samples.a, 1 - t, atol=1e-10)
+    slope, described = pf.noise_log_slope(t.numpy(), fitted.s.numpy())
+    inner = (t > 0.05) & (t < 0.95)
+    truth = (1 - 2 * t) / (2 * t * (1 - t))
+    assert np.allclose(slope(t.numpy())[inner.numpy()], truth[inner].numpy(), rtol=1e-6)
+    slope, _ = pf.noise_log_slope(t.numpy(), np.full(N, 0.1))
+    assert np.abs(slope(t.numpy())).max() < 1e-6  # constant sigma: no extra term
+
+
+def _noisy_pipeline(schedule: str, with_term: bool, return_noise: bool = True) -> dict:
+    torch.manual_seed(0)
+    velocity = torch.nn.Sequential(torch.nn.Linear(D + 1, 64), torch.nn.SiLU(), torch.nn.Linear(64, D))
+    gen = torch.Generator().manual_seed(5)
+    data = [{"x1": torch.randn(32, D, generator=gen)} for _ in range(8)]
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = velocity
+
+        def forward(self, xt, t):
+            return self.net(torch.cat([xt, t[:, None]], 1))
+
+    net = Net()
+
+    def step(batch, index):
+        x1 = batch["x1"]
+        x0 = torch.randn_like(x1)
+        noise = torch.randn_like(x1)
+        t = torch.rand(x1.shape[0]).clamp(0.02, 0.98)
+        s = 0.1 * torch.ones_like(t) if schedule == "constant" else 0.5 * torch.sqrt(t * (1 - t))
+        mu = (1 - t[:, None]) * x0 + t[:, None] * x1
+        xt = mu + s[:, None] * noise
+        target = x1 - x0
+        if with_term and schedule == "bridge":
+            target = target + ((1 - 2 * t) / (2 * t * (1 - t)))[:, None] * (xt - mu)
+        v = net(xt, t)
+        loss = ((v - target) ** 2).mean()
+        out = {"loss": loss, "x0": x0, "x1": x1, "t": t, "xt": xt, "v_target": target, "v_pred": v}
+        if return_noise:
+            out["noise"] = noise
+        return out
+
+    return {"step": step, "batches": data, "trainable": {"velocity": net}, "velocity": net}
+
+
+@pytest.mark.parametrize("schedule, with_term, verdict", [
+    ("constant", False, Verdict.PASS),  # torchcfm ConditionalFlowMatcher(sigma=0.1): x1 - x0 is exact
+    ("bridge", True, Verdict.PASS),  # Schrodinger bridge with its (1 - 2t) / (2t (1 - t)) (x_t - mu_t) term
+    ("bridge", False, Verdict.FAIL),  # the bridge's x_t with the plain target: the needed term left out
+])
+def test_a_returned_noise_term_is_modelled(schedule, with_term, verdict):
+    result = run(coerce(_noisy_pipeline(schedule, with_term)), Settings(), only=["target"]).check("target")
+    assert result.verdict is verdict, result.summary
+    assert _measurement(result, "x_t off span(x0, x1)").verdict is Verdict.PASS
+    assert _measurement(result, "noise term of x_t (step output 'noise')").value > 0.01
+    if verdict is Verdict.FAIL:
+        assert "without the noise term" in result.summary
+
+
+def test_noise_the_step_does_not_return_still_fails_the_span_residual():
+    result = run(coerce(_noisy_pipeline("constant", False, return_noise=False)), Settings(),
+                 only=["target"]).check("target")
+    assert result.verdict is Verdict.FAIL
+    assert "outside span(x0, x1)" in result.summary and "'noise'" in result.hint
