@@ -354,6 +354,9 @@ def measure_implied(ctx, path_fit: dict, t_scale: Optional[float]) -> dict[str, 
     obs["compared"] = True
     obs["cos_median"], obs["ratio_median"], obs["cos_p05"] = (float(x) for x in summary)
     obs["cos_samples"] = [round(float(x), 5) for x in cos_f.cpu().tolist()]
+    t_rows = t_values[rows.cpu().numpy()][finite.cpu().numpy()]
+    keep = _thin(len(obs["cos_samples"]))
+    obs["cos_curve"] = {"t": t_rows[keep].tolist(), "cos": np.asarray(obs["cos_samples"])[keep].tolist()}
     eps = out.get("eps")
     eps = eps.detach().to(work) if isinstance(eps, torch.Tensor) and eps.shape == x0.shape else None
     xt = out.get("xt")

@@ -510,7 +510,7 @@ def _candidate_list(path: dict[str, Any], found: dict[str, Any]) -> list[dict[st
 
 
 def _judge_match(path: dict[str, Any], found: dict[str, Any], th: TargetThresholds, out: _Findings,
-                 subject: str) -> bool:
+                 subject: str, cap: Verdict = Verdict.FAIL, caveat: str = "") -> bool:
     """Judge ``found``'s cos / norm ratio against the path velocity (``subject``: "v_target" or "implied target")
     and name the candidate it resembles; True when it matches."""
     general_fix = ("Train the output toward the time derivative of your own x_t: for x_t = a(t) x0 + b(t) x1 it is "
@@ -526,9 +526,12 @@ def _judge_match(path: dict[str, Any], found: dict[str, Any], th: TargetThreshol
     if cos_m.verdict is Verdict.WARN and identified is not None:
         # not a near miss: the target IS another quantity (e.g. the path velocity without its noise term)
         cos_m = cos_m.model_copy(update={"verdict": Verdict.FAIL})
+    ratio_m = ratio_within(f"median ||{subject}|| / ||path velocity||", ratio, warn_factor=th.norm_ratio_warn,
+                           fail_factor=th.norm_ratio_fail)
+    cos_m, ratio_m = (m.model_copy(update={"verdict": cap}) if m.verdict.severity > cap.severity else m
+                      for m in (cos_m, ratio_m))
     out.add(cos_m)
-    ratio_m = out.add(ratio_within(f"median ||{subject}|| / ||path velocity||", ratio,
-                                   warn_factor=th.norm_ratio_warn, fail_factor=th.norm_ratio_fail))
+    out.add(ratio_m)
     out.add(info(f"5th percentile cos ({subject})", found["cos_p05"]))
     samples = found["cos_samples"]
     share = sum(1 for c in samples if c < th.cos_fail) / len(samples) if samples else 0.0
@@ -561,11 +564,11 @@ def _judge_match(path: dict[str, Any], found: dict[str, Any], th: TargetThreshol
             near = ", ".join(f"{c['name']} (cos {c['cos']:.2f})" for c in candidates[:3])
             problem = f"{label} is not the path velocity: median cos {cos:.3f}; closest candidates: {near}"
             fix = general_fix + f" Here: {velocity_text}."
-        out.issues.append((cos_m.verdict, problem, fix))
+        out.issues.append((cos_m.verdict, problem + caveat, fix))
     elif ratio_m.verdict is not Verdict.PASS:
         out.issues.append((ratio_m.verdict,
                            f"{label} is {_fmt_ratio(ratio)} the path velocity (median norm ratio; cos {cos:.3f}): "
-                           "a mis-scaled target",
+                           "a mis-scaled target" + caveat,
                            "Remove the extra factor from the target: it must be exactly d x_t / dt "
                            f"({velocity_text}). If the sampler integrates in another time variable (e.g. "
                            "phi = pi t / 2), return that variable as t."))
@@ -624,8 +627,21 @@ def _judge_implied(implied: dict[str, Any], path: dict[str, Any], th: TargetThre
         out.add(info("implied target", f"not measured: {implied.get('reason', '?')}",
                      expected="the loss gradient w.r.t. the velocity module's output"))
         return False
-    out.add(info("velocity module (implied audit)", implied["module"], expected=implied["how"]))
     weight = implied["weight"]
+    compared = bool(implied.get("compared"))
+    # the module was found by hooks, the step's v_pred is not its output and v_target matches the path: the two
+    # audits disagree and fmcheck cannot tell which module the sampler integrates, so the implied audit only warns
+    found_by_hooks = implied.get("how") != "pipeline field 'velocity'"
+    adapter_ok = path.get("cos_median", -1.0) >= th.cos_warn and \
+        1 / th.norm_ratio_warn <= path.get("ratio_median", 0.0) <= th.norm_ratio_warn
+    undecided = found_by_hooks and implied.get("v_pred_is_raw") is False and adapter_ok
+    cap, caveat = Verdict.FAIL, ""
+    if undecided:
+        cap = Verdict.WARN
+        caveat = (f" (while the step's v_target matches the path velocity; {implied['module']} was found by forward "
+                  "hooks: declare the pipeline field 'velocity' to settle which output the sampler uses)")
+    matched = compared and _judge_match(path, implied, th, out, subject="implied target", cap=cap, caveat=caveat)
+    out.add(info("velocity module (implied audit)", implied["module"], expected=implied["how"]))
     negative = weight["negative_share"]
     out.add(at_most("share of samples with a negative loss weight", negative, warn=None, fail=0.0),
             f"the loss weight is negative for {negative:.0%} of the samples (implied k_i from the loss gradient): "
@@ -634,11 +650,9 @@ def _judge_implied(implied: dict[str, Any], path: dict[str, Any], th: TargetThre
     out.add(info("implied weight k(t) / median", weight["describe"],
                  expected=f"spread {weight.get('spread', float('nan')):.3g}x, "
                           f"{implied['zero_weight_share']:.0%} of samples with zero weight"))
-    if not implied.get("compared"):
+    if not compared:
         out.add(info("implied target vs path velocity", f"not compared: {implied['not_compared']}"))
         return False
-    found = {**implied, "candidates": implied["candidates"]}
-    matched = _judge_match(path, found, th, out, subject="implied target")
     if matched:
         relabel = ""
         if path.get("prediction", "velocity") == "velocity" and (

@@ -578,3 +578,26 @@ def test_noise_the_step_does_not_return_still_fails_the_span_residual():
                  only=["target"]).check("target")
     assert result.verdict is Verdict.FAIL
     assert "outside span(x0, x1)" in result.summary and "'noise'" in result.hint
+
+
+@pytest.mark.parametrize("declared, verdict", [(False, Verdict.WARN), (True, Verdict.FAIL)])
+def test_an_implied_target_that_contradicts_the_step_labels_fails_only_for_a_declared_module(declared, verdict):
+    """v_pred = -raw: the labels say 'velocity', the loss trains the raw output toward minus it. Which one the
+    sampler integrates is known only when the pipeline declares its velocity module."""
+    pipeline = fm_variants.build()
+    step = pipeline["step"]
+
+    def negated(batch, index):
+        out = step(batch, index)
+        out["v_pred"] = -out["v_pred"]
+        out["loss"] = out["fm_loss"] = ((out["v_pred"] - out["v_target"]) ** 2).mean()
+        return out
+
+    pipeline["step"] = negated
+    if not declared:
+        del pipeline["velocity"]
+    result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
+    assert result.verdict is verdict, result.summary
+    assert "flipped sign" in result.summary
+    assert ("declare the pipeline field 'velocity'" in result.summary) is not declared
+    assert result.details["implied"]["v_pred_is_raw"] is False
