@@ -642,6 +642,8 @@ def _judge_implied(implied: dict[str, Any], path: dict[str, Any], th: TargetThre
                   "hooks: declare the pipeline field 'velocity' to settle which output the sampler uses)")
     matched = compared and _judge_match(path, implied, th, out, subject="implied target", cap=cap, caveat=caveat)
     out.add(info("velocity module (implied audit)", implied["module"], expected=implied["how"]))
+    if implied.get("calls", 1) > 1:
+        out.add(info("velocity module calls per step", implied["calls"], expected="the first call is audited"))
     negative = weight["negative_share"]
     out.add(at_most("share of samples with a negative loss weight", negative, warn=None, fail=0.0),
             f"the loss weight is negative for {negative:.0%} of the samples (implied k_i from the loss gradient): "
@@ -826,6 +828,41 @@ class TargetCheck(Check):
     Thresholds = TargetThresholds
     doc = CheckDoc(
         what=(
+            "**Implied-target audit** (the primary verdict whenever the velocity module's raw output can be found: "
+            "the pipeline field `velocity`, else the outermost trainable module called with the step's `xt`, "
+            "found through forward hooks as `structure` does). The step's own labels can be in another "
+            "parameterisation than the network's output, so the loss is asked instead. The step runs twice more "
+            "on batch 0 with its randomness replayed (the same seed as the cached outputs); a forward hook "
+            "replaces the module's output by a leaf tensor holding the output itself (raw), then raw + delta "
+            "(delta: seeded Gaussian noise of the output's RMS). For a loss that is a per-sample weighted squared "
+            "error of any affine function of the output (plain MSE, diffusers' `precondition_outputs`, any loss "
+            "weighting) the gradient is g_i = k_i (raw_i - target_i), so per sample k_i = <g1 - g0, delta> / "
+            "||delta||^2 is the implied loss weight and target_i = raw_i - g0_i / k_i the implied target. The "
+            "implied target is compared with the fitted path velocity exactly as v_target is below (median cosine, "
+            "norm ratio, the candidate it resembles); a negative k_i for any sample fails (the loss trains the "
+            "output away from its target there); the weight's shape in t is reported (k / median k, a power law "
+            "k ~ t^p (1 - t)^q when one fits) and drawn by `--plot` (`target-weight.png`). The audit is not used, "
+            "and says why, when the two probes' raw outputs differ (randomness not replayed: a private generator "
+            "that advances), when g1 - g0 misses k delta by more than 2% (an L1 or Huber loss, weights varying "
+            "inside a sample), when the loss has no gradient to the output, or when the output's layout cannot be "
+            "matched to x0 (Flux-style packed tokens are unpacked through the module's x_t input). If the module "
+            "was only found by hooks, the step's `v_pred` is not its output and the step's `v_target` matches the "
+            "path velocity while the implied target does not, the audits disagree and the verdict is at most WARN "
+            "(declaring `velocity` settles it). With the implied audit deciding, the step's v_target comparison "
+            "is reported as a cross-check (a preconditioned target, e.g. the latents, is expected there). The "
+            "optional pipeline field `prediction` (`velocity`, the default; `epsilon`; `sample`) says what the "
+            "output is meant to be: with `epsilon` the target must be the source noise x0, with `sample` the data "
+            "x1.\n\n"
+            "Worked example, diffusers' SD3 DreamBooth loss with `precondition_outputs`: x_t = (1 - sigma) x1 + "
+            "sigma noise, model_pred = raw * (-sigma) + x_t, target = x1, so the loss is "
+            "sigma^2 ||raw - (noise - x1)||^2: the raw output is trained toward noise - x1 = d x_t / d sigma, the "
+            "path velocity, with weight sigma^2. `fmcheck target --module fixtures.bugs._target_sd3:build` (a "
+            "one-layer SD3Transformer2DModel, logit-normal sigma, no weighting) reports `median cos(implied target, "
+            "path velocity)` 1.0, norm ratio 1.0, `implied weight k(t) / median` ~ t^2.00 (spread 9.86x), and "
+            "notes that the step's v_target (the latents) is a relabelled target (median cos -0.709 with the path "
+            "velocity). With the `sigma_sqrt` weighting (sigma^-2) the implied weight is constant in t; with the "
+            "wrong sign of sigma (`fixtures/libs/diffusers_sd3_precondition_wrong_sign.py`) the implied target "
+            "has the flipped sign: median cos -1.000, FAIL.\n\n"
             "**Path audit** (cached outputs of the first `measure_batches` batches, pooled; more batches, up to "
             "`max_batches`, while t has fewer than 8 distinct values). Per sample, least squares of x_t on "
             "(x0, x1) gives the mix x_t ~ a_i x0 + b_i x1 and the residual: the share of ||x_t|| outside "
@@ -837,7 +874,14 @@ class TargetCheck(Check):
             "(a_i, b_i) around the curves (`(a, b) off the fitted a(t), b(t)`) shows whether x_t was built with "
             "the returned t. The expected velocity is d x_t / dt = a'(t) x0 + b'(t) x1; per sample, the cosine "
             "and the norm ratio ||v_target|| / ||a' x0 + b' x1|| are computed, judged on their medians, and the "
-            "share of samples with cos < `cos_fail` is reported. Nothing assumes a convention: linear, reversed "
+            "share of samples with cos < `cos_fail` is reported. A path with a noise term, x_t = a(t) x0 + b(t) x1 "
+            "+ s(t) noise, is modelled when the step returns that noise as the output `noise` (torchcfm's "
+            "`return_noise=True`): x_t is regressed per sample on (x0, x1, noise), s(t)^2 is fitted as a smooth "
+            "curve and the path velocity gains the term s'(t)/s(t) (x_t - mu_t) (zero for torchcfm's constant "
+            "sigma, (1 - 2t) / (2t (1 - t)) for the Schrodinger bridge); a target without a needed term fails as "
+            "`a'(t) x0 + b'(t) x1 without the noise term`. Noise the step does not return stays in the span "
+            "residual. A wrong candidate that matches the target at cos >= 0.999 turns a near-miss WARN into a "
+            "FAIL. Nothing assumes a convention: linear, reversed "
             "(t=1 at the source), cosine/trig, VP and sigma_min paths all pass when the target is their "
             "derivative. When the target fails, it is compared with the usual wrong targets (x0 - x1, x1 - x0, "
             "x0, x1, eps, -eps, the score-like -x0/a(t), x_t, the scaled path velocity) and the summary says which "
@@ -901,12 +945,18 @@ class TargetCheck(Check):
             "the VAE encode outside torch.no_grad() with its parameters not frozen",
             "x_t computed under an autocast region or from .half() tensors",
             "t warped (shifted, logit-normal) after x_t was built, or extra noise added to x_t",
+            "precondition_outputs with the wrong sign of sigma, or a loss weighting that goes negative",
+            "a stochastic path (Schrodinger bridge) trained on the plain x1 - x0 without its noise term",
         ),
         blind_spots=(
             "The path is identified from x0, x1 and x_t as returned: if the step returns other tensors than the "
             "ones the loss uses (e.g. a detached copy of a non-detached target), the audit sees the copies.",
-            "Stochastic interpolants that add an independent noise term to x_t (on purpose) fail the span "
-            "residual: their target is outside what this check models.",
+            "Noise in x_t that the step does not return as `noise` fails the span residual even where it is a "
+            "constant-std noise term whose target needs no extra term (torchcfm's sigma > 0 written without "
+            "return_noise): nothing in (x0, x1, t, x_t) tells it from a stray term.",
+            "The implied-target audit assumes the velocity module's first call in the step is the one the loss "
+            "trains (self-conditioning or a second call is noted, not audited) and a per-sample weighted squared "
+            "error; other losses fall back to the step's v_target.",
             "A target deliberately expressed in another time variable (v-prediction w.r.t. phi = pi t / 2) is "
             "reported as mis-scaled: return that variable as t.",
             "Timestep units are normalised by the next power of ten above max(t) (1000 for 0..999); a schedule "

@@ -285,8 +285,7 @@ def _weight_figure(result: CheckResult):
     axis.axhline(0.0, color="black", linewidth=0.6)
     if _log_ok(k):
         _plain_log(axis, "y", k)
-    weight = implied.get("weight") or {}
-    axis.set_title(f"implied loss weight w(t): {weight.get('describe', '')}", fontsize=10)
+    axis.set_title("implied loss weight w(t) = k_i / median k", fontsize=10)
     _time_axis(axis, "t (the path's time)")
     if row:
         axis = row.pop(0)
