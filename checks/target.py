@@ -283,6 +283,94 @@ def _parameter_table(pipeline) -> list[tuple[str, str, str, Any]]:
     return rows
 
 
+REENTRANT = "use_reentrant=True"  # torch.utils.checkpoint's error for autograd.grad through a reentrant checkpoint
+REENTRANT_NOTE = ("reentrant torch.utils.checkpoint in the model: gradients measured with backward() and hooks "
+                  "(autograd.grad cannot run through it)")
+
+
+def _is_reentrant_error(error: RuntimeError) -> bool:
+    return REENTRANT in str(error)
+
+
+def _has_reentrant_checkpoint(tensor) -> bool:
+    """Whether the autograd graph of ``tensor`` holds a reentrant checkpoint: autograd.grad would either raise or,
+    for the parameters inside it (not inputs of its graph node), silently report no gradient."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor) or tensor.grad_fn is None:
+        return False
+    seen: set[int] = set()
+    stack = [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "CheckpointFunction" in type(node).__name__:
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
+class _KeepGrads:
+    """Saves the .grad of ``params`` and clears them; restores them on exit (backward() accumulates into them)."""
+
+    def __init__(self, params: list) -> None:
+        self.params = params
+
+    def __enter__(self) -> "_KeepGrads":
+        self.saved = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for p, g in zip(self.params, self.saved):
+            p.grad = g
+
+
+def _param_grads(output, params: list, upstream, obs: dict) -> list:
+    """d output / d params (output weighted by ``upstream``); through backward() where a reentrant checkpoint makes
+    autograd.grad fail."""
+    import torch
+
+    if not obs.get("reentrant"):
+        try:
+            return list(torch.autograd.grad(output, params, grad_outputs=upstream, allow_unused=True,
+                                            retain_graph=True))
+        except RuntimeError as error:
+            if not _is_reentrant_error(error):
+                raise
+            obs["reentrant"] = True
+            obs["notes_info"].append(REENTRANT_NOTE)
+    with _KeepGrads(params):
+        output.backward(gradient=upstream, retain_graph=True)
+        return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def _node_grad(output, node, params: list, obs: dict):
+    """d output / d node, the upstream gradient at an intermediate tensor; through a tensor hook during backward()
+    where a reentrant checkpoint makes autograd.grad fail."""
+    import torch
+
+    if not obs.get("reentrant"):
+        try:
+            return torch.autograd.grad(output, node, allow_unused=True, retain_graph=True)[0]
+        except RuntimeError as error:
+            if not _is_reentrant_error(error):
+                raise
+            obs["reentrant"] = True
+            obs["notes_info"].append(REENTRANT_NOTE)
+    seen: list = []
+    handle = node.register_hook(lambda grad: seen.append(grad.detach().clone()))
+    try:
+        with _KeepGrads(params):
+            output.backward(retain_graph=True)
+    finally:
+        handle.remove()
+    return seen[0] if seen else None
+
+
 def _measure_autograd(ctx) -> dict[str, Any]:
     import torch
 
@@ -290,7 +378,7 @@ def _measure_autograd(ctx) -> dict[str, Any]:
     table = _parameter_table(pipeline)
     batch = ctx.batches(1)[0]
     out = ctx.run_step(batch, 0, grad=True)
-    obs: dict[str, Any] = {"modules": {}, "notes": []}
+    obs: dict[str, Any] = {"modules": {}, "notes": [], "notes_info": []}
     for _, key, group, _ in table:
         obs["modules"].setdefault(key, group)
 
@@ -337,6 +425,9 @@ def _measure_autograd(ctx) -> dict[str, Any]:
             obs["terms_without_graph"].append(key)
     fm_key = "fm_loss" if "fm_loss" in terms else ("loss" if "fm_loss" in obs["terms_absent"] else None)
     obs["fm_key"] = fm_key
+    if any(_has_reentrant_checkpoint(value) for value in terms.values()):
+        obs["reentrant"] = True
+        obs["notes_info"].append(REENTRANT_NOTE)
     rows: list[Any] = []  # one (len(live),) tensor of squared norms per entry of `labels`
     labels: list[str] = []
 
@@ -354,17 +445,16 @@ def _measure_autograd(ctx) -> dict[str, Any]:
 
     if params:
         for key, value in terms.items():
-            rows.append(squared(torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)))
+            rows.append(squared(_param_grads(value, params, None, obs)))
             labels.append(key)
         if fm_key is not None:
             fm = terms[fm_key]
             for via in ("v_target", "xt"):
                 node = out.get(via)
                 if isinstance(node, torch.Tensor) and node.requires_grad:
-                    (upstream,) = torch.autograd.grad(fm, node, allow_unused=True, retain_graph=True)
+                    upstream = _node_grad(fm, node, params, obs)
                     if upstream is not None:
-                        grads = torch.autograd.grad(node, params, grad_outputs=upstream, allow_unused=True,
-                                                    retain_graph=True)
+                        grads = _param_grads(node, params, upstream, obs)
                         rows.append(squared(grads))
                         labels.append(f"{fm_key} via {via}")
     else:
@@ -680,6 +770,8 @@ def _judge_autograd(grad: dict[str, Any], out: _Findings) -> None:
             f"moving target: v_target carries autograd history into {len(moving)} trainable parameter(s) "
             f"({', '.join(moving[:4])}{', ...' if len(moving) > 4 else ''})",
             DETACH_FIX)
+    for note in grad.get("notes_info", []):
+        out.add(info("gradient map", note))
     for note in grad["notes"]:
         out.add(flag("gradient map", False, value=note, bad=Verdict.WARN), note,
                 "Make the step compute its loss with autograd enabled for the trainable modules.")

@@ -601,3 +601,50 @@ def test_an_implied_target_that_contradicts_the_step_labels_fails_only_for_a_dec
     assert "flipped sign" in result.summary
     assert ("declare the pipeline field 'velocity'" in result.summary) is not declared
     assert result.details["implied"]["v_pred_is_raw"] is False
+
+
+def test_a_reentrant_gradient_checkpoint_is_audited_through_backward():
+    from torch.utils.checkpoint import checkpoint
+
+    pipeline = fm_variants.build()
+    net = pipeline["velocity"]
+    plain = net.forward
+    net.forward = lambda xt, t, q: checkpoint(plain, xt, t, q, use_reentrant=True)
+    out = pipeline["step"](pipeline["batches"][0], 0)
+    with pytest.raises(RuntimeError, match="use_reentrant=True"):  # what autograd.grad says through it
+        torch.autograd.grad(out["loss"], list(pipeline["trainable"]["head"].parameters()))
+    # ... and for the parameters inside it, no error but no gradient: the engine never enters the checkpoint
+    assert all(g is None for g in torch.autograd.grad(out["loss"], list(net.parameters()), allow_unused=True))
+    result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
+    assert result.verdict is Verdict.PASS, result.summary
+    assert any(m.name == "gradient map" and "reentrant" in str(m.value) for m in result.measurements)
+    assert _measurement(result, "fm_loss reaches the velocity net").verdict is Verdict.PASS
+    assert _measurement(result, "fm_loss reaches the head through x_t").verdict is Verdict.PASS
+    assert result.details["implied"]["compared"]
+    for param in [*net.parameters(), *pipeline["trainable"]["head"].parameters()]:
+        assert param.grad is None  # backward() left no gradient behind
+
+
+def test_a_reentrant_checkpoint_without_an_input_that_requires_grad_trains_nothing():
+    """PyTorch's pitfall: with use_reentrant=True and no input requiring grad, the parameters inside get none."""
+    from torch.utils.checkpoint import checkpoint
+
+    pipeline = fm_variants.build(head=False)
+    net = pipeline["velocity"]
+    plain = net.forward
+    net.forward = lambda xt, t, q: checkpoint(plain, xt, t, q, use_reentrant=True)
+    result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
+    assert result.verdict is Verdict.FAIL
+    assert "carries no gradient at all" in result.summary or "gets no gradient" in result.summary, result.summary
+
+
+def test_a_moving_target_is_still_caught_through_a_reentrant_checkpoint():
+    from torch.utils.checkpoint import checkpoint
+
+    pipeline = fm_variants.build(detach=False)
+    net = pipeline["velocity"]
+    plain = net.forward
+    net.forward = lambda xt, t, q: checkpoint(plain, xt, t, q, use_reentrant=True)
+    result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
+    assert result.verdict is Verdict.FAIL
+    assert _measurement(result, "fm_loss gradient through v_target").verdict is Verdict.FAIL
