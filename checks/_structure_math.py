@@ -208,3 +208,21 @@ def balance(t_change: float, x_change: float, floor: float) -> tuple[Optional[fl
     if x_change <= floor:
         return math.inf, "x flat"
     return t_change / x_change, "measured"
+
+
+def layout_map(packed, reference) -> Optional[Any]:
+    """An index m with packed.flatten(1)[:, m] == reference.flatten(1) for every sample, when the two tensors hold the
+    same elements in another layout (Flux-style packing of latents into tokens); None otherwise. Found by sorting the
+    first sample's values, then verified on every sample (one layout for the whole batch)."""
+    import torch
+
+    a = packed.detach().reshape(packed.shape[0], -1).to(torch.float64)
+    b = reference.detach().reshape(reference.shape[0], -1).to(device=a.device, dtype=torch.float64)
+    if a.shape != b.shape or a.shape[1] == 0:
+        return None
+    if torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()) + 1e-12):
+        return torch.arange(a.shape[1], device=a.device)
+    index = torch.empty(a.shape[1], dtype=torch.long, device=a.device)
+    index[torch.argsort(b[0])] = torch.argsort(a[0])
+    scale = 1e-3 * float(b.abs().max()) + 1e-12
+    return index if torch.allclose(a[:, index], b, rtol=1e-3, atol=scale) else None

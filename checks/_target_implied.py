@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ._structure_math import layout_map  # noqa: F401  (the packed-latents match, shared with `structure`)
+
 PROBE_SALT = 0  # batch 0, step_index 0, salt 0: the very randomness of the cached outputs the path fit uses
 REPLAY_TOLERANCE = 1e-4  # relative difference between the two probes' raw outputs above which the replay failed
 AFFINE_TOLERANCE = 0.02  # median misfit of g1 - g0 to k delta above which the loss is not a weighted squared error
@@ -91,24 +93,6 @@ def weight_shape(t, k) -> dict[str, Any]:
     out["describe"] = (f"varies {out['spread']:.3g}x over the batch (correlation with t {corr:+.2f}); no power law "
                        "of t and 1 - t fits")
     return out
-
-
-def layout_map(packed, reference) -> Optional[Any]:
-    """An index m with packed.flatten(1)[:, m] == reference.flatten(1) for every sample, when the two tensors hold the
-    same elements in another layout (Flux-style packing of latents into tokens); None otherwise. Found by sorting the
-    first sample's values, then verified on every sample (one layout for the whole batch)."""
-    import torch
-
-    a = packed.detach().reshape(packed.shape[0], -1).to(torch.float64)
-    b = reference.detach().reshape(reference.shape[0], -1).to(device=a.device, dtype=torch.float64)
-    if a.shape != b.shape or a.shape[1] == 0:
-        return None
-    if torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()) + 1e-12):
-        return torch.arange(a.shape[1], device=a.device)
-    index = torch.empty(a.shape[1], dtype=torch.long, device=a.device)
-    index[torch.argsort(b[0])] = torch.argsort(a[0])
-    scale = 1e-3 * float(b.abs().max()) + 1e-12
-    return index if torch.allclose(a[:, index], b, rtol=1e-3, atol=scale) else None
 
 
 # -- module outputs ---------------------------------------------------------------------------------------------------

@@ -158,6 +158,14 @@ def _find_velocity(ctx, batch) -> _Found:
         if slot is not None:
             found.call, found.x_slot = call, slot
             break
+    if found.call is None:  # Flux-style packing: the same elements as x_t in another layout (tokens)
+        for call in calls:
+            slot = _packed_slot(call, xt)
+            if slot is not None:
+                found.call, found.x_slot = call, slot
+                found.notes.append(f"x_t reaches the velocity net packed: {sm.slot_name(slot)} holds the step's "
+                                   "x_t in another layout")
+                break
     if found.call is None:
         found.call = calls[0]
         found.reason = ("none of the velocity net's arguments equals the step's 'xt'" if pipeline.velocity is not None
@@ -169,7 +177,20 @@ def _find_velocity(ctx, batch) -> _Found:
     return found
 
 
-def _probe(ctx, call: _Call, args: tuple, kwargs: dict, batch: int):
+def _packed_slot(call: _Call, xt):
+    """The argument holding the step's x_t with its elements in another layout, or None."""
+    import torch
+
+    from . import _structure_math as sm
+
+    for slot, value in sm.iter_slots(call.args, call.kwargs):
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == xt.shape[0] and \
+                value.numel() == xt.numel() and value.is_floating_point() and sm.layout_map(value, xt) is not None:
+            return slot
+    return None
+
+
+def _probe(ctx, call: _Call, args: tuple, kwargs: dict, batch: int, hidden: bool = False):
     """Call the velocity module once, under the step's autocast state and the same RNG state every time."""
     import torch
 
@@ -178,11 +199,30 @@ def _probe(ctx, call: _Call, args: tuple, kwargs: dict, batch: int):
     ctx.seed_everything(salt=CALL_SALT)
     autocast = (torch.autocast(call.device_type, dtype=getattr(torch, call.autocast_dtype.split(".")[-1]))
                 if call.autocast else contextlib.nullcontext())
-    with torch.no_grad(), autocast:
-        out = call.module(*args, **kwargs)
+    last: list = []  # (name, first input) of the last leaf module called: the output layer
+    handles = []
+    if hidden:
+        def record(name):
+            def hook(module, inputs):
+                first = _first_tensor(tuple(inputs), {})
+                if first is not None and first.is_floating_point():
+                    last[:] = [(name, first.detach())]
+            return hook
+
+        for name, sub in call.module.named_modules():
+            if not list(sub.children()) and sub is not call.module:
+                handles.append(sub.register_forward_pre_hook(record(name)))
+    try:
+        with torch.no_grad(), autocast:
+            out = call.module(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
     tensor = sm.output_tensor(out, batch)
     if tensor is None:
         raise TypeError(f"the velocity module returned a {type(out).__name__} without a tensor")
+    if hidden:
+        return last[0] if last and last[0][1].dim() and last[0][1].shape[0] == batch else (None, None)
     return tensor
 
 
@@ -224,12 +264,25 @@ def _balance(ctx, found: _Found) -> dict[str, Any]:
     t_change, x_change = sm.relative_change(with_t, base), sm.relative_change(with_x, base)
     floor = max(10 * noise, 1e-6)
     ratio, state = sm.balance(t_change, x_change, floor)
+    where = "output"
+    if state == "both flat":
+        # a zero-initialised output layer (torchcfm's UNet): measure where the time signal is, the input of the
+        # last layer (the last hidden activation), with the same permutations
+        probes = [_probe(ctx, call, a, k, batch, hidden=True) for a, k in
+                  ((call.args, call.kwargs), (call.args, call.kwargs), (t_args, t_kwargs), (x_args, x_kwargs))]
+        if all(h is not None for _, h in probes):
+            (layer, base_h), (_, again_h), (_, with_t_h), (_, with_x_h) = probes
+            noise = sm.relative_change(again_h, base_h)
+            t_change, x_change = sm.relative_change(with_t_h, base_h), sm.relative_change(with_x_h, base_h)
+            floor = max(10 * noise, 1e-6)
+            ratio, state = sm.balance(t_change, x_change, floor)
+            where = f"last hidden activation (the input of {layer}; the output is flat)"
     slope = offset = None
     if isinstance(t_out, torch.Tensor):
         reference = sm.per_sample_scalar(t_out, batch)
         if reference is not None:
             slope, offset = sm.affine_fit(reference, t_samples)
-    result.update(measured=True, reason=None, batch=batch, t_change=t_change, x_change=x_change, noise=noise,
+    result.update(measured=True, reason=None, batch=batch, t_change=t_change, x_change=x_change, noise=noise, where=where,
                   ratio=ratio, state=state, t_slot=sm.slot_name(t_slot), x_slot=sm.slot_name(found.x_slot),
                   t_how=how, t_correlation=corr, t_slope=slope, t_offset=offset,
                   t_range=[float(t_samples.min()), float(t_samples.max())])
@@ -353,8 +406,11 @@ class StructureCheck(Check):
             "||f(x_t permuted) - f|| / ||f||, their ratio (t over x_t), and the affine map from the step's t to the "
             "argument the net receives (its units and range). Ratio above `time_dominates_ratio` warns (time "
             "dominates: at init t moves the output more than the whole x_t does), below `time_ignored_ratio` warns "
-            "(time ignored). If the output moves with neither (a zero-initialised output layer), the balance is "
-            "reported as not measurable.\n\n"
+            "(time ignored). If the output moves with neither (a zero-initialised output layer, as torchcfm's UNet), "
+            "the same probes are measured at the last hidden activation (the input of the last layer called); "
+            "x_t passed packed (Flux-style tokens, the same elements in another layout) is matched to the step's "
+            "`xt` by its values. A balance that could not be measured warns with the reason: a probe that did not "
+            "measure is never a PASS.\n\n"
             "Calibration (untrained networks, default init): x_t, a high-dimensional input on the main path, should "
             "move the output more than the scalar t does, while t still moves it by a few percent of that. The "
             "digits velocity net (sinusoidal embedding -> MLP -> per-block scale/shift) gives 0.032-0.047 across "
@@ -421,7 +477,9 @@ class StructureCheck(Check):
             "scale.",
             "t and x_t must be separate, top-level arguments of the velocity module (nested containers and a "
             "tensor that concatenates x_t and t are not taken apart); otherwise the balance is not measured and "
-            "the reason is shown.",
+            "warns with the reason.",
+            "A net whose time parameters are identical at initialisation (exactly blind to t until trained) warns "
+            "'time ignored' on correct code; the balance is not re-measured after training steps.",
             "Autocast entered inside the velocity module's own forward is seen only through v_pred's dtype.",
             "x_t built in half precision and cast back to float32 has float32 dtype; the `target` check's path fit "
             "sees its rounding error instead.",
@@ -458,7 +516,8 @@ class StructureCheck(Check):
         measurements += extra
         details = {"velocity": obs["velocity"], "velocity_how": obs["velocity_how"],
                    "balance": {k: v for k, v in obs["balance"].items()
-                               if k in ("t_change", "x_change", "ratio", "noise", "t_slope", "t_offset", "reason")},
+                               if k in ("t_change", "x_change", "ratio", "noise", "t_slope", "t_offset", "reason",
+                                        "where")},
                    "modes": obs["modes"], "notes": obs["notes"]}
         # a sub-measurement that could not be made (SKIP) does not make the check a SKIP
         verdict = Verdict.worst(m.verdict for m in measurements if m.verdict is not Verdict.SKIP)
@@ -479,9 +538,16 @@ class StructureCheck(Check):
         extra.append(info("velocity module", where, expected=obs["velocity_how"]))
         expected = f"{th.time_ignored_ratio:g}..{th.time_dominates_ratio:g}"
         if not balance["measured"]:
+            # a probe that did not measure is never a PASS: a t x 1000 bug would go unnoticed
             measurements.append(Measurement(name="t / x_t sensitivity", value=None, expected=expected,
-                                            verdict=Verdict.SKIP, unit=f"not measured: {balance['reason']}"))
+                                            verdict=Verdict.WARN, unit=f"not measured: {balance['reason']}"))
+            findings.append((Verdict.WARN, f"time balance not measured: {balance['reason']}",
+                             "Let the check find the velocity net and its x_t and t arguments: declare the pipeline "
+                             "field 'velocity', return the step's 'xt' and 't', and pass x_t and t to it as "
+                             "separate arguments."))
             return
+        if balance.get("where", "output") != "output":
+            extra.append(info("balance measured at", balance["where"]))
         if balance["t_slope"] is not None:
             extra.append(info("t argument / step t", balance["t_slope"], unit="x",
                                      expected=f"{balance['t_slot']}: {balance['t_slope']:.4g} * t + "
@@ -494,8 +560,12 @@ class StructureCheck(Check):
         ratio, state = balance["ratio"], balance["state"]
         if state == "both flat":
             measurements.append(Measurement(
-                name="t / x_t sensitivity", value=None, expected=expected, verdict=Verdict.SKIP,
-                unit="not measurable: the output moves with neither t nor x_t (zero-initialised output layer?)"))
+                name="t / x_t sensitivity", value=None, expected=expected, verdict=Verdict.WARN,
+                unit="not measurable: the output (and its last hidden activation) moves with neither t nor x_t"))
+            findings.append((Verdict.WARN, "time balance not measurable: the velocity net's output and last hidden "
+                                           "activation move with neither t nor x_t",
+                             "Check that x_t and t reach the net (no detach into constants); a zero-initialised "
+                             "net is measured at its last hidden activation, so this one ignores both."))
             return
         if ratio > th.time_dominates_ratio:
             verdict = Verdict.WARN
