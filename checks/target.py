@@ -21,7 +21,7 @@ from fmcheck.judges import at_least, at_most, flag, info, ratio_within
 from fmcheck.report import Measurement
 from fmcheck.verdict import Verdict
 
-PATH_KEYS = ("x0", "x1", "t", "xt", "v_target")
+PATH_KEYS = ("x0", "x1", "t", "xt")  # v_target is optional: the implied audit infers it from the loss gradient
 HALF = ("torch.float16", "torch.bfloat16")
 NOISE_TERM_MIN = 1e-6  # ||s_i noise_i|| / ||x_t|| above this: the returned 'noise' is a term of the path
 ZERO_REL = 1e-8  # a gradient norm below this fraction of the largest one in its term counts as none
@@ -74,6 +74,8 @@ def _gather_path(outputs: list) -> dict[str, Any]:
             raise Skip("step output 'x0' is not a batched tensor (need shape (B, ...))")
         n = x0.shape[0]
         for key in ("x0", "x1", "xt", "v_target"):
+            if key == "v_target" and key not in out:
+                continue
             value = out[key]
             if not isinstance(value, torch.Tensor) or value.dim() < 1 or value.shape[0] != n:
                 return {"problem": f"'{key}' is not a (B, ...) tensor with the batch size {n} of x0"}
@@ -90,8 +92,8 @@ def _gather_path(outputs: list) -> dict[str, Any]:
                     extra[0].numel() == x0[0].numel():
                 parts[key].append(_work(extra.detach()))
     pooled = {k: torch.cat([p.reshape(p.shape[0], -1) for p in v]) for k, v in parts.items()
-              if v and k not in ("t", "eps", "noise")}
-    for key in ("eps", "noise"):
+              if v and k not in ("t", "eps", "noise", "v_target")}
+    for key in ("eps", "noise", "v_target"):
         pooled[key] = torch.cat([p.reshape(p.shape[0], -1) for p in parts[key]]) \
             if len(parts[key]) == len(outputs) else None
     pooled["t"] = torch.cat(parts["t"]).numpy()
@@ -148,12 +150,17 @@ def _measure_path(ctx, limit: int, store: dict) -> dict[str, Any]:
         obs["noise_term"] = {"share": size, "residual_without": samples.relative_residual()}
         if size > NOISE_TERM_MIN:  # a returned noise that x_t actually carries: model it (else sigma = 0)
             samples, noise_s = with_noise.samples, with_noise.s
-    combo = pf.fit_combination(v, x0, x1)
+    # no reparam noise, no mu/logvar: the source is plain noise, and x0 is what a DDPM codebase calls eps
+    obs["source_is_noise"] = eps is None and "mu" not in outputs[0] and "logvar" not in outputs[0]
+    obs["v_target_returned"] = v is not None
     a, b, usable = (samples.a.cpu().numpy(), samples.b.cpu().numpy(), samples.usable.cpu().numpy())
     obs["usable_share"] = float(usable.mean())
     obs["xt_residual"] = samples.relative_residual()
-    c_med, d_med = (float(x) for x in torch.stack([combo.a.median(), combo.b.median()]).cpu().tolist())
-    obs["v_combination"] = {"x0": c_med, "x1": d_med, "residual": combo.relative_residual()}
+    obs["v_combination"] = None
+    if v is not None:
+        combo = pf.fit_combination(v, x0, x1)
+        c_med, d_med = (float(x) for x in torch.stack([combo.a.median(), combo.b.median()]).cpu().tolist())
+        obs["v_combination"] = {"x0": c_med, "x1": d_med, "residual": combo.relative_residual()}
     count_t, width = pf.spread(t)
     obs["distinct_t"], obs["t_range"] = count_t, width
     # the data of the path figure (`--plot`): per-sample (t, a, b), then the fitted curves once there is a fit
@@ -188,25 +195,25 @@ def _measure_path(ctx, limit: int, store: dict) -> dict[str, Any]:
                                  log_slope_rms=float(np.sqrt(np.mean(log_slope(t) ** 2))))
         without_noise = expected
         expected = expected + term[:, None] * pf.flat(noise)
+    grid = np.linspace(fit.t_lo, fit.t_hi, 101)
+    (grid_a, grid_b), (grid_da, grid_db) = fit.values(grid), fit.derivatives(grid)
+    obs["schedule"].update(grid={"t": grid.tolist(), "a": grid_a.tolist(), "b": grid_b.tolist(),
+                                 "da": grid_da.tolist(), "db": grid_db.tolist()})
+    obs["velocity_combination"] = {"x0": float(np.median(da)), "x1": float(np.median(db))}
+    if v is None:
+        return obs
     cos, ratio = pf.cosine_and_ratio(v, expected)
     finite = torch.isfinite(cos) & torch.isfinite(ratio)
     cos_f, ratio_f = cos[finite], ratio[finite]
     summary = torch.stack([cos_f.median(), ratio_f.median(), cos_f.quantile(0.05)]).cpu().tolist()
     obs["cos_median"], obs["ratio_median"], obs["cos_p05"] = (float(x) for x in summary)
     obs["cos_samples"] = [round(float(x), 5) for x in cos_f.cpu().tolist()]
-    grid = np.linspace(fit.t_lo, fit.t_hi, 101)
-    (grid_a, grid_b), (grid_da, grid_db) = fit.values(grid), fit.derivatives(grid)
     keep = _thin(len(obs["cos_samples"]))
-    obs["schedule"].update(
-        grid={"t": grid.tolist(), "a": grid_a.tolist(), "b": grid_b.tolist(), "da": grid_da.tolist(),
-              "db": grid_db.tolist()},
-        cos={"t": t[finite.cpu().numpy()][keep].tolist(), "cos": np.asarray(obs["cos_samples"])[keep].tolist()})
-    obs["velocity_combination"] = {"x0": float(np.median(da)), "x1": float(np.median(db))}
+    obs["schedule"]["cos"] = {"t": t[finite.cpu().numpy()][keep].tolist(),
+                              "cos": np.asarray(obs["cos_samples"])[keep].tolist()}
     candidates = pf.candidate_targets(x0, x1, xt, expected, eps,
                                       torch.as_tensor(fa, dtype=torch.float64, device=device), without_noise)
     obs["candidates"] = [{"name": r.name, "cos": r.cos, "ratio": r.ratio} for r in pf.resemblances(v, candidates)]
-    # no reparam noise, no mu/logvar: the source is plain noise, and x0 is what a DDPM codebase calls eps
-    obs["source_is_noise"] = eps is None and "mu" not in outputs[0] and "logvar" not in outputs[0]
     return obs
 
 
@@ -563,12 +570,13 @@ def _judge_path(path: dict[str, Any], th: TargetThresholds, out: _Findings, prim
     if not fit["ok"]:
         combo = path["v_combination"]
         extra = f" after drawing {path['extra_batches']} more batch(es)" if path["extra_batches"] else ""
+        described = "" if combo is None else (
+            f"; v_target ~ {combo['x0']:.3g} x0 + {combo['x1']:.3g} x1"
+            + (f" (but {combo['residual']:.0%} of it is outside span(x0, x1))" if combo["residual"] > 0.05 else ""))
         out.add(flag("t spread for the path fit", False,
                      value=f"{path['distinct_t']} distinct, range {path['t_range']:.3g}",
                      expected=">= 3 distinct values spanning >= 0.02", bad=Verdict.WARN),
-                f"path velocity not fitted: {fit['reason']}{extra}; v_target ~ {combo['x0']:.3g} x0 + "
-                f"{combo['x1']:.3g} x1" + (f" (but {combo['residual']:.0%} of it is outside span(x0, x1))"
-                                           if combo["residual"] > 0.05 else ""),
+                f"path velocity not fitted: {fit['reason']}{extra}{described}",
                 "Sample t per sample (t = torch.rand(B)), or yield more batches, so a(t) and b(t) can be fitted; "
                 "with x_t = (1-t) x0 + t x1 the target must be 1.0 x1 - 1.0 x0.")
         return
@@ -582,6 +590,16 @@ def _judge_path(path: dict[str, Any], th: TargetThresholds, out: _Findings, prim
             "a(t), b(t)",
             "Return the t that x_t was built with, one per sample, after any shift or warp of t (and the same t "
             "the velocity net receives).")
+    if not path.get("v_target_returned", True):
+        if primary:
+            out.add(flag("target audited", False, value="no v_target, no implied target", bad=Verdict.WARN),
+                    "the step returns no 'v_target' and the loss's implied target could not be measured: the target "
+                    "is not audited",
+                    "Return 'v_target' (and 'v_pred'), or declare the pipeline field 'velocity' so the target can be "
+                    "read from the loss gradient.")
+        else:
+            out.add(info("v_target", "not returned: the loss's implied target is audited instead"))
+        return
     if primary:
         _judge_match(path, path, th, out, subject="v_target")
         return
@@ -941,7 +959,9 @@ class TargetCheck(Check):
             "was only found by hooks, the step's `v_pred` is not its output and the step's `v_target` matches the "
             "path velocity while the implied target does not, the audits disagree and the verdict is at most WARN "
             "(declaring `velocity` settles it). With the implied audit deciding, the step's v_target comparison "
-            "is reported as a cross-check (a preconditioned target, e.g. the latents, is expected there). The "
+            "is reported as a cross-check (a preconditioned target, e.g. the latents, is expected there); a step "
+            "that returns no `v_target` (nor `v_pred`: a loss module that keeps them as locals) is audited by the "
+            "implied target alone, and warns that the target is not audited when that cannot run. The "
             "optional pipeline field `prediction` (`velocity`, the default; `epsilon`; `sample`) says what the "
             "output is meant to be: with `epsilon` the target must be the source noise x0, with `sample` the data "
             "x1.\n\n"

@@ -312,9 +312,33 @@ def test_thresholds_are_configurable():
 
 
 def test_skips_naming_the_missing_output():
-    result = _run(outputs_without=("v_target",))
+    result = _run(outputs_without=("xt",))
     assert result.verdict is Verdict.SKIP
-    assert "'v_target'" in result.summary
+    assert "'xt'" in result.summary
+
+
+def test_without_v_target_and_v_pred_the_loss_gradient_supplies_the_target():
+    result = _run(outputs_without=("v_target", "v_pred"))
+    assert result.verdict is Verdict.PASS, result.summary
+    assert _measurement(result, "v_target").value.startswith("not returned")
+    assert _measurement(result, "median cos(implied target, path velocity)").value > 0.9999
+    flipped = _run(outputs_without=("v_target", "v_pred"), target="flipped")
+    assert flipped.verdict is Verdict.FAIL and "flipped sign" in flipped.summary
+
+
+def test_without_v_target_and_without_an_implied_target_the_target_is_not_audited():
+    pipeline = fm_variants.build(outputs_without=("v_target", "v_pred"))
+    step = pipeline["step"]
+
+    def l1(batch, index):  # an L1 loss: the implied audit does not apply
+        out = step(batch, index)
+        out["loss"] = out["fm_loss"] = out["fm_loss"].sqrt()
+        return out
+
+    pipeline["step"] = l1
+    result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
+    assert result.verdict is Verdict.WARN, result.summary
+    assert "the target is not audited" in result.summary
 
 
 def test_the_users_state_is_unchanged(tiny_pipeline):
