@@ -96,16 +96,21 @@ def fit_samples_with_noise(x0: torch.Tensor, x1: torch.Tensor, noise: torch.Tens
     return NoiseFit(samples=fit, s=coef[:, 2])
 
 
+def fit_over_t(t: np.ndarray, values: np.ndarray, max_degree: int = MAX_DEGREE) -> Curve:
+    """One smooth curve through per-sample values: averaged per distinct t, then :func:`fit_curve`."""
+    t = np.asarray(t, dtype=np.float64)
+    times = distinct_times(t)
+    index = np.clip(np.searchsorted(times, t - 1e-7 * max(1.0, float(np.ptp(t)))), 0, times.size - 1)
+    means = np.bincount(index, weights=np.asarray(values, dtype=np.float64), minlength=times.size) / \
+        np.bincount(index, minlength=times.size)
+    return fit_curve(times, means, max_degree)
+
+
 def noise_log_slope(t: np.ndarray, s: np.ndarray, max_degree: int = MAX_DEGREE) -> tuple[Callable, str]:
     """s'(t) / s(t) of the noise std, from per-sample s_i: q(t) = s(t)^2 is fitted as a smooth curve (a Schrodinger
     bridge's sigma^2 t (1 - t) is a polynomial, where sqrt(t (1 - t)) is singular at both ends), then
     s'/s = q' / (2 q). Returns (function of t, description)."""
-    t = np.asarray(t, dtype=np.float64)
-    q = np.asarray(s, dtype=np.float64) ** 2
-    values = distinct_times(t)
-    index = np.clip(np.searchsorted(values, t - 1e-7 * max(1.0, float(np.ptp(t)))), 0, values.size - 1)
-    means = np.bincount(index, weights=q, minlength=values.size) / np.bincount(index, minlength=values.size)
-    curve = fit_curve(values, means, max_degree)
+    curve = fit_over_t(t, np.asarray(s, dtype=np.float64) ** 2, max_degree)
 
     def slope(times: np.ndarray) -> np.ndarray:
         times = np.asarray(times, dtype=np.float64)

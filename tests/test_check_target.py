@@ -672,3 +672,48 @@ def test_a_moving_target_is_still_caught_through_a_reentrant_checkpoint():
     result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
     assert result.verdict is Verdict.FAIL
     assert _measurement(result, "fm_loss gradient through v_target").verdict is Verdict.FAIL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a step that returns only its loss, with a declared velocity module
+# ---------------------------------------------------------------------------------------------------------------------
+ALL_BUT_LOSS = ("x0", "x1", "t", "xt", "v_target", "v_pred", "eps", "mu", "logvar", "kl", "kl_weight", "fm_loss")
+
+
+@pytest.mark.parametrize("options, verdict, words", [
+    ({}, Verdict.PASS, ["toward the path velocity", "t=1 at the data (x1)"]),
+    ({"path": "reversed"}, Verdict.PASS, ["t=1 at the source (x0)"]),
+    ({"t_units": 1000.0}, Verdict.PASS, []),
+    ({"target": "flipped"}, Verdict.FAIL, ["flipped sign"]),
+    ({"target": "eps"}, Verdict.FAIL, ["an eps target"]),
+])
+def test_a_loss_only_step_is_audited_through_the_velocity_module_and_encode(options, verdict, words):
+    result = _run(outputs_without=ALL_BUT_LOSS, **options)
+    assert result.verdict is verdict, result.summary
+    for word in words:
+        assert word in result.summary, result.summary
+    inferred = _measurement(result, "values inferred").value
+    assert "x_t: the velocity module's argument 0" in inferred and "x1: pipeline field 'encode'" in inferred
+    assert "t: its argument 1" in inferred
+
+
+def test_a_loss_only_sd3_step_with_preconditioning():
+    from fixtures.bugs import _target_sd3
+
+    for sign, verdict in ((-1.0, Verdict.PASS), (1.0, Verdict.FAIL)):
+        pipeline = _target_sd3.build(precondition=True, sigma_sign=sign)
+        step = pipeline["step"]
+        pipeline["step"] = lambda batch, index, step=step: {"loss": step(batch, index)["loss"]}
+        pipeline["encode"], pipeline["pixels"] = (lambda x: x), (lambda batch: batch["latents"])
+        result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
+        assert result.verdict is verdict, result.summary
+        assert "keyword 'timestep'" in _measurement(result, "values inferred").value
+        if verdict is Verdict.PASS:
+            assert result.details["implied"]["weight"]["describe"] == "~ t^2.00"
+
+
+def test_a_loss_only_step_without_a_declared_velocity_module_is_skipped_naming_what_is_missing():
+    pipeline = fm_variants.build(outputs_without=ALL_BUT_LOSS)
+    del pipeline["velocity"]
+    result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
+    assert result.verdict is Verdict.SKIP and "'x0'" in result.summary
