@@ -417,6 +417,7 @@ def _measure_autograd(ctx) -> dict[str, Any]:
     obs["x1_reaches"] = names(reached["x1"])
     obs["has_head"] = bool(head)
     obs["has_mu"] = "mu" in out or "logvar" in out
+    obs["xt_returned"] = "xt" in out
 
     live = [i for i, row in enumerate(table) if row[3].requires_grad]
     params = [table[i][3] for i in live]
@@ -883,7 +884,9 @@ def _judge_fm_paths(grad: dict[str, Any], fm_key: str, fm: dict[str, Any], out: 
                 f"gradient flows through the target into {', '.join(sorted(hit))} "
                 f"(|grad| {', '.join(_norm_text(n) for n in hit.values())})",
                 DETACH_FIX)
-    if grad["has_head"]:
+    if grad["has_head"] and not grad.get("xt_returned", True):
+        out.add(info(f"{fm_key} reaches the head through x_t", "not measured: the step returns no 'xt'"))
+    elif grad["has_head"]:
         h_norm = fm["roles"]["head"]
         via_xt = grads.get(f"{fm_key} via xt")
         xt_norm = via_xt["roles"]["head"] if via_xt else 0.0

@@ -312,9 +312,17 @@ def test_thresholds_are_configurable():
 
 
 def test_skips_naming_the_missing_output():
-    result = _run(outputs_without=("xt",))
+    pipeline = fm_variants.build(outputs_without=("xt",))
+    del pipeline["velocity"]  # nothing to infer x_t from
+    result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
     assert result.verdict is Verdict.SKIP
     assert "'xt'" in result.summary
+
+
+def test_without_xt_a_declared_velocity_module_supplies_it():
+    result = _run(outputs_without=("xt",))
+    assert result.verdict is Verdict.PASS, result.summary
+    assert "x_t: the velocity module's argument 0" in _measurement(result, "values inferred").value
 
 
 def test_without_v_target_and_v_pred_the_loss_gradient_supplies_the_target():
