@@ -478,8 +478,10 @@ class StructureCheck(Check):
             "t and x_t must be separate, top-level arguments of the velocity module (nested containers and a "
             "tensor that concatenates x_t and t are not taken apart); otherwise the balance is not measured and "
             "warns with the reason.",
-            "A net whose time parameters are identical at initialisation (exactly blind to t until trained) warns "
-            "'time ignored' on correct code; the balance is not re-measured after training steps.",
+            "A net that is blind to t at initialisation (torchcfm's UNet zero-initialises every residual branch, "
+            "the only place t enters; identical time parameters) warns 'time ignored ... changes nothing' on "
+            "correct code, naming both causes; the balance is not re-measured after training steps, so a t x 1000 "
+            "bug in such a net shows only on a trained checkpoint.",
             "Autocast entered inside the velocity module's own forward is seen only through v_pred's dtype.",
             "x_t built in half precision and cast back to float32 has float32 dtype; the `target` check's path fit "
             "sees its rounding error instead.",
@@ -580,12 +582,22 @@ class StructureCheck(Check):
             if balance["t_slope"] is not None:
                 units = f"; the net receives {balance['t_slope']:.4g} * t, range " \
                         f"{balance['t_range'][0]:.3g}..{balance['t_range'][1]:.3g}"
-            findings.append((verdict, f"time ignored by the velocity net: permuting t moves its output "
-                                      f"{balance['t_change']:.3g} vs {balance['x_change']:.3g} for x_t "
-                                      f"(ratio {ratio:.3g} < {th.time_ignored_ratio:g}){units}",
-                             "Feed t in the units its embedding was built for (e.g. t in [0, 1] times the number "
-                             "of training timesteps for a DDPM-style sinusoidal embedding, or no extra division) "
-                             "and check that t reaches the net per sample."))
+            blind = balance["t_change"] <= max(10 * balance["noise"], 1e-6)
+            if blind:  # no effect at all: t dropped, or a net blind to t by construction until it is trained
+                findings.append((verdict, f"time ignored by the velocity net: permuting t changes nothing "
+                                          f"({balance['t_change']:.3g} vs {balance['x_change']:.3g} for x_t){units}: "
+                                          "t is dropped on the way, or the net is blind to t at these weights "
+                                          "(zero-initialised residual branches, identical time parameters)",
+                                 "Check that t reaches the net per sample; if the architecture starts blind to t "
+                                 "(e.g. torchcfm's UNet zero-initialises every residual branch), rerun `structure` "
+                                 "on a checkpoint after some training steps, where the balance means something."))
+            else:
+                findings.append((verdict, f"time ignored by the velocity net: permuting t moves its output "
+                                          f"{balance['t_change']:.3g} vs {balance['x_change']:.3g} for x_t "
+                                          f"(ratio {ratio:.3g} < {th.time_ignored_ratio:g}){units}",
+                                 "Feed t in the units its embedding was built for (e.g. t in [0, 1] times the "
+                                 "number of training timesteps for a DDPM-style sinusoidal embedding, or no extra "
+                                 "division) and check that t reaches the net per sample."))
         else:
             verdict = Verdict.PASS
         measurements.append(Measurement(name="t / x_t sensitivity", value=_round(ratio), unit="x",
