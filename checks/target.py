@@ -250,8 +250,9 @@ def _measure_precision(out) -> dict[str, Any]:
 class TargetCheck(Check):
     id = "target"
     title = "Target, detach and gradient paths"
-    purpose = ("v_target is the velocity of the user's own path (any affine path, either time direction), "
-               "detached; gradient reaches the right modules.")
+    purpose = ("What the loss trains the velocity output toward (read from the loss gradient) is the velocity of "
+               "the user's own path, with a positive weight; the target is detached; gradient reaches the right "
+               "modules.")
     order = 30
     # x0, x1, t, xt are needed unless the step returns only its loss and declares its velocity module (then the
     # path is inferred in measure; a Skip names what is missing otherwise)
