@@ -157,7 +157,8 @@ def run_probe(ctx, module, batch, shift=None) -> Probe:
             leaf = leaf + shift.to(device=leaf.device, dtype=work)
         leaf.requires_grad_(True)
         leaf_box.append(leaf)
-        return replace_output(out, tensor, leaf.to(tensor.dtype))
+        # a copy, not the leaf itself: the step may modify its prediction in place
+        return replace_output(out, tensor, leaf.to(tensor.dtype, copy=True))
 
     handle = module.register_forward_hook(hook, with_kwargs=True)
     try:

@@ -725,3 +725,22 @@ def test_a_loss_only_step_without_a_declared_velocity_module_is_skipped_naming_w
     del pipeline["velocity"]
     result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
     assert result.verdict is Verdict.SKIP and "'x0'" in result.summary
+
+
+def test_a_prediction_modified_in_place_is_still_audited():
+    pipeline = _noisy_pipeline("constant", False)
+    net = pipeline["velocity"]
+
+    def step(batch, index):  # the trainer rescales its prediction in place after the call
+        x1 = batch["x1"]
+        x0, t = torch.randn_like(x1), torch.rand(x1.shape[0])
+        xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+        v = net(xt, t)
+        v.mul_(1.0)
+        loss = ((v - (x1 - x0)) ** 2).mean()
+        return {"loss": loss, "x0": x0, "x1": x1, "t": t, "xt": xt, "v_target": x1 - x0, "v_pred": v}
+
+    pipeline["step"] = step
+    result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
+    assert result.verdict is Verdict.PASS, result.summary
+    assert result.details["implied"]["compared"]
