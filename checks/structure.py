@@ -34,6 +34,10 @@ class StructureThresholds(Thresholds):
     time_ignored_ratio: float = Field(
         0.01, ge=0, description="the same ratio below this warns: the velocity barely depends on t (t in the wrong "
                                 "units for its embedding, or t dropped)")
+    time_features_min: float = Field(
+        0.01, ge=0, description="when the net is blind to t at its current weights (zero-initialised blocks), its "
+                                "time features (the first layer input that follows t) must vary across the batch "
+                                "by at least this (||F - mean|| / ||F||); below, t is in the wrong units")
 
 
 @dataclass
@@ -190,8 +194,14 @@ def _packed_slot(call: _Call, xt):
     return None
 
 
-def _probe(ctx, call: _Call, args: tuple, kwargs: dict, batch: int, hidden: bool = False):
-    """Call the velocity module once, under the step's autocast state and the same RNG state every time."""
+FIRST_INPUTS = 64  # leaf-module inputs kept, in call order, when looking for the time features
+
+
+def _probe(ctx, call: _Call, args: tuple, kwargs: dict, batch: int, hidden: bool = False, first: int = 0):
+    """Call the velocity module once, under the step's autocast state and the same RNG state every time.
+
+    ``hidden``: return (name, input) of the last leaf module called (the output layer's input) instead of the
+    output; ``first``: return the (name, input) of the first ``first`` leaf-module calls instead."""
     import torch
 
     from . import _structure_math as sm
@@ -200,13 +210,16 @@ def _probe(ctx, call: _Call, args: tuple, kwargs: dict, batch: int, hidden: bool
     autocast = (torch.autocast(call.device_type, dtype=getattr(torch, call.autocast_dtype.split(".")[-1]))
                 if call.autocast else contextlib.nullcontext())
     last: list = []  # (name, first input) of the last leaf module called: the output layer
+    seen: list = []  # (name, first input) of the first leaf-module calls
     handles = []
-    if hidden:
+    if hidden or first:
         def record(name):
             def hook(module, inputs):
-                first = _first_tensor(tuple(inputs), {})
-                if first is not None and first.is_floating_point():
-                    last[:] = [(name, first.detach())]
+                value = _first_tensor(tuple(inputs), {})
+                if value is not None and value.is_floating_point() and value.dim() and value.shape[0] == batch:
+                    last[:] = [(name, value.detach())]
+                    if len(seen) < first:
+                        seen.append((name, value.detach()))
             return hook
 
         for name, sub in call.module.named_modules():
@@ -221,9 +234,35 @@ def _probe(ctx, call: _Call, args: tuple, kwargs: dict, batch: int, hidden: bool
     tensor = sm.output_tensor(out, batch)
     if tensor is None:
         raise TypeError(f"the velocity module returned a {type(out).__name__} without a tensor")
+    if first:
+        return seen
     if hidden:
-        return last[0] if last and last[0][1].dim() and last[0][1].shape[0] == batch else (None, None)
+        return last[0] if last else (None, None)
     return tensor
+
+
+def _time_features(ctx, call: _Call, batch: int, calls: tuple) -> Optional[dict[str, Any]]:
+    """The first leaf-module input that follows t and not x_t (the time embedding's features), and how much it varies
+    across the batch: ||F - mean over the batch|| / ||F||. ``calls``: (args, kwargs) as is, t permuted, x_t
+    permuted."""
+    from . import _structure_math as sm
+
+    base, with_t, with_x = (_probe(ctx, call, a, k, batch, first=FIRST_INPUTS) for a, k in calls)
+    found: Optional[dict[str, Any]] = None
+    for (name, b), (name_t, t_in), (name_x, x_in) in zip(base, with_t, with_x):
+        if not (name == name_t == name_x) or b.shape != t_in.shape or b.shape != x_in.shape:
+            break
+        moves_t, moves_x = sm.relative_change(t_in, b) > 1e-6, sm.relative_change(x_in, b) > 1e-9
+        if found is None and moves_t and not moves_x:
+            flat = b.reshape(batch, -1).double()
+            total = float(flat.norm())
+            spread = float((flat - flat.mean(0, keepdim=True)).norm()) / total if total > 0 else 0.0
+            found = {"module": name, "spread": spread, "mixes": None}
+        elif found is not None and moves_t and moves_x:
+            # where t meets x_t: the embedding is used, only the weights after it are blind (zero-initialised)
+            found["mixes"] = name
+            break
+    return found
 
 
 def _balance(ctx, found: _Found) -> dict[str, Any]:
@@ -277,6 +316,10 @@ def _balance(ctx, found: _Found) -> dict[str, Any]:
             floor = max(10 * noise, 1e-6)
             ratio, state = sm.balance(t_change, x_change, floor)
             where = f"last hidden activation (the input of {layer}; the output is flat)"
+    if ratio is None or ratio == 0 or t_change <= floor:
+        # blind to t at these weights: does the time embedding at least resolve t? (the units bugs show there)
+        result["features"] = _time_features(ctx, call, batch, ((call.args, call.kwargs), (t_args, t_kwargs),
+                                                               (x_args, x_kwargs)))
     slope = offset = None
     if isinstance(t_out, torch.Tensor):
         reference = sm.per_sample_scalar(t_out, batch)
@@ -410,7 +453,14 @@ class StructureCheck(Check):
             "the same probes are measured at the last hidden activation (the input of the last layer called); "
             "x_t passed packed (Flux-style tokens, the same elements in another layout) is matched to the step's "
             "`xt` by its values. A balance that could not be measured warns with the reason: a probe that did not "
-            "measure is never a PASS.\n\n"
+            "measure is never a PASS. A net whose output and last hidden activation do not move with t at all, "
+            "while t does reach a layer input that also depends on x_t (t embedded and added, then multiplied by "
+            "zero-initialised weights: torchcfm's UNet, adaLN-zero blocks), is judged at its time features "
+            "instead: the first layer input that follows t and not x_t must vary across the batch by at least "
+            "`time_features_min` (||F - mean|| / ||F||). `fmcheck structure --module "
+            "fixtures.libs.torchcfm_sigma01_unet:build` measures 0.0792 at time_embed.0 (PASS); the same net fed "
+            "t / 1000 measures 8.0e-05 (WARN: t in the wrong units). A t that never meets x_t (embedded, then "
+            "dropped) still warns.\n\n"
             "Calibration (untrained networks, default init): x_t, a high-dimensional input on the main path, should "
             "move the output more than the scalar t does, while t still moves it by a few percent of that. The "
             "digits velocity net (sinusoidal embedding -> MLP -> per-block scale/shift) gives 0.032-0.047 across "
@@ -478,10 +528,11 @@ class StructureCheck(Check):
             "t and x_t must be separate, top-level arguments of the velocity module (nested containers and a "
             "tensor that concatenates x_t and t are not taken apart); otherwise the balance is not measured and "
             "warns with the reason.",
-            "A net that is blind to t at initialisation (torchcfm's UNet zero-initialises every residual branch, "
-            "the only place t enters; identical time parameters) warns 'time ignored ... changes nothing' on "
-            "correct code, naming both causes; the balance is not re-measured after training steps, so a t x 1000 "
-            "bug in such a net shows only on a trained checkpoint.",
+            "A net blind to t at initialisation is judged at its time features: they show t too small for the "
+            "embedding (flat features), not t too large (a sinusoidal embedding fed t x 1000 aliases and varies "
+            "more). A net blind to t in another way (identical time parameters, or t meeting x_t beyond the first "
+            "64 layer calls) warns 'time ignored ... changes nothing', naming both causes; the balance is not "
+            "re-measured after training steps.",
             "Autocast entered inside the velocity module's own forward is seen only through v_pred's dtype.",
             "x_t built in half precision and cast back to float32 has float32 dtype; the `target` check's path fit "
             "sees its rounding error instead.",
@@ -519,7 +570,7 @@ class StructureCheck(Check):
         details = {"velocity": obs["velocity"], "velocity_how": obs["velocity_how"],
                    "balance": {k: v for k, v in obs["balance"].items()
                                if k in ("t_change", "x_change", "ratio", "noise", "t_slope", "t_offset", "reason",
-                                        "where")},
+                                        "where", "features")},
                    "modes": obs["modes"], "notes": obs["notes"]}
         # a sub-measurement that could not be made (SKIP) does not make the check a SKIP
         verdict = Verdict.worst(m.verdict for m in measurements if m.verdict is not Verdict.SKIP)
@@ -583,7 +634,25 @@ class StructureCheck(Check):
                 units = f"; the net receives {balance['t_slope']:.4g} * t, range " \
                         f"{balance['t_range'][0]:.3g}..{balance['t_range'][1]:.3g}"
             blind = balance["t_change"] <= max(10 * balance["noise"], 1e-6)
-            if blind:  # no effect at all: t dropped, or a net blind to t by construction until it is trained
+            features = balance.get("features")
+            if blind and features is not None and features["mixes"] is not None:
+                spread = features["spread"]
+                resolved = spread >= th.time_features_min
+                extra.append(info("time features across the batch", _round(spread), unit="rel",
+                                  expected=f">= {th.time_features_min:g} at {features['module']} (the first layer "
+                                           f"input that follows t; t meets x_t at {features['mixes']})"))
+                if resolved:  # blind downstream only (zero-initialised blocks): the time pathway itself is sound
+                    measurements.append(Measurement(
+                        name="t / x_t sensitivity", value=_round(ratio), unit="x", verdict=Verdict.PASS,
+                        expected=f"{expected}; blind at these weights, judged at the time features instead"))
+                    return
+                findings.append((verdict, f"time ignored by the velocity net, and its time features at "
+                                          f"{features['module']} barely vary across the batch ({spread:.3g} < "
+                                          f"{th.time_features_min:g}){units}: t is in the wrong units for its "
+                                          "embedding",
+                                 "Feed t in the units its embedding was built for (e.g. no extra division by the "
+                                 "number of timesteps) and check that t reaches the net per sample."))
+            elif blind:  # no effect at all: t dropped, or a net blind to t by construction until it is trained
                 findings.append((verdict, f"time ignored by the velocity net: permuting t changes nothing "
                                           f"({balance['t_change']:.3g} vs {balance['x_change']:.3g} for x_t){units}: "
                                           "t is dropped on the way, or the net is blind to t at these weights "

@@ -454,3 +454,43 @@ def test_packed_latents_are_matched_to_x_t_and_a_timestep_bug_behind_them_shows(
         ratio = measurement(result, "t / x_t sensitivity")
         assert ratio.verdict is verdict, result.summary
         assert any("packed" in note for note in result.details["notes"])
+
+
+class ZeroBlockVelocity(Velocity):
+    """t enters only through a zero-initialised residual branch (torchcfm's UNet, DiT's adaLN-zero): at init the
+    output, and every activation after the branch, is exactly blind to t."""
+
+    def __init__(self, time_scale: float = 1000.0):
+        super().__init__(time_scale=time_scale)
+        self.gate = nn.Linear(64, 64)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, xt, t, q):
+        angles = (t.float().reshape(-1) * self.time_scale)[:, None] * self.freqs
+        emb = self.time(torch.cat([angles.sin(), angles.cos()], dim=1))
+        h = self.inp(xt.float()) + self.text(q)
+        h = h + self.gate(nn.functional.silu(h + emb))
+        return self.body(h)
+
+
+def test_a_net_blind_to_t_at_init_is_judged_at_its_time_features():
+    result = structure(synthetic(ZeroBlockVelocity()))
+    assert result.verdict is Verdict.PASS, result.summary
+    ratio = measurement(result, "t / x_t sensitivity")
+    assert ratio.value == 0 and "judged at the time features" in ratio.expected
+    features = measurement(result, "time features across the batch")
+    assert features.value > 0.1 and "time.0" in features.expected
+    # the units bug such a net hides: t divided by 1000 once too often leaves its time features flat
+    result = structure(synthetic(ZeroBlockVelocity(time_scale=1.0 / 1000)))
+    assert result.verdict is Verdict.WARN
+    assert "time features at time.0 barely vary" in result.summary
+    assert measurement(result, "time features across the batch").value < 0.01
+
+
+def test_a_net_that_drops_t_after_embedding_it_is_not_excused_by_its_time_features():
+    result = structure(synthetic(Velocity(uses_t=False)))
+    assert result.verdict is Verdict.WARN
+    assert "changes nothing" in result.summary and "t is dropped" in result.summary
+    features = result.details["balance"]["features"]
+    assert features["module"] == "time.0" and features["mixes"] is None  # embedded, but never meets x_t
