@@ -75,8 +75,9 @@ def infer_path(xt, x1, t) -> InferredPath:
 
 
 def compare_inferred(ctx, batch, probe, solved, obs: dict[str, Any]) -> dict[str, Any]:
-    """A step without x0/x1/x_t/t (``probe``, ``solved``: the implied audit's first probe and solution): x_t and t from the velocity module's inputs, x1 from ``encode``, the path's
-    coefficients inferred (``_target_inferred``); the implied target compared with that path's velocity."""
+    """A step without x0/x1/x_t/t (``probe``, ``solved``: the implied audit's first probe and solution): x_t and t
+    from the velocity module's inputs, x1 from ``encode``, the path inferred by :func:`infer_path`; the implied
+    target compared with that path's velocity."""
     import numpy as np
     import torch
 

@@ -325,7 +325,8 @@ def _balance(ctx, found: _Found) -> dict[str, Any]:
         reference = sm.per_sample_scalar(t_out, batch)
         if reference is not None:
             slope, offset = sm.affine_fit(reference, t_samples)
-    result.update(measured=True, reason=None, batch=batch, t_change=t_change, x_change=x_change, noise=noise, where=where,
+    result.update(measured=True, reason=None, batch=batch, t_change=t_change, x_change=x_change, noise=noise,
+                  where=where,
                   ratio=ratio, state=state, t_slot=sm.slot_name(t_slot), x_slot=sm.slot_name(found.x_slot),
                   t_how=how, t_correlation=corr, t_slope=slope, t_offset=offset,
                   t_range=[float(t_samples.min()), float(t_samples.max())])
