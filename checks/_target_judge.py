@@ -279,6 +279,11 @@ def _judge_implied(implied: dict[str, Any], path: dict[str, Any], th: Any, out: 
         caveat = (f" (while the step's v_target matches the path velocity; {implied['module']} was found by forward "
                   "hooks: declare the pipeline field 'velocity' to settle which output the sampler uses)")
     matched = compared and _judge_match(path, implied, th, out, subject="implied target", cap=cap, caveat=caveat)
+    if compared and implied.get("candidates"):
+        best = _candidate_list(path, implied)[0]
+        out.add(info("implied target resembles", f"{best['name']} (cos {best['cos']:.4f}, norm ratio "
+                                                 f"{best['ratio']:.3g})",
+                     expected="the path velocity (or the declared prediction)"))
     out.add(info("velocity module (implied audit)", implied["module"], expected=implied["how"]))
     if implied.get("calls", 1) > 1:
         out.add(info("velocity module calls per step", implied["calls"], expected="the first call is audited"))

@@ -744,3 +744,12 @@ def test_a_prediction_modified_in_place_is_still_audited():
     result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
     assert result.verdict is Verdict.PASS, result.summary
     assert result.details["implied"]["compared"]
+
+
+@pytest.mark.parametrize("options, resembles", [
+    ({"precondition": True}, "the path velocity"),
+    ({"precondition": False, "trained": "epsilon"}, "x0 (the source noise: an eps target)"),
+])
+def test_the_report_names_what_the_implied_target_resembles(options, resembles):
+    result = _sd3(**options)
+    assert _measurement(result, "implied target resembles").value.startswith(resembles)
