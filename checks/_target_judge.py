@@ -280,9 +280,12 @@ def _judge_implied(implied: dict[str, Any], path: dict[str, Any], th: Any, out: 
                   "hooks: declare the pipeline field 'velocity' to settle which output the sampler uses)")
     matched = compared and _judge_match(path, implied, th, out, subject="implied target", cap=cap, caveat=caveat)
     if compared and implied.get("candidates"):
-        best = _candidate_list(path, implied)[0]
-        out.add(info("implied target resembles", f"{best['name']} (cos {best['cos']:.4f}, norm ratio "
-                                                 f"{best['ratio']:.3g})",
+        ranked = _candidate_list(path, implied)
+        alike = [c for c in ranked if c["cos"] >= ranked[0]["cos"] - TIE]
+        best = next((c for c in alike if c["name"] == "the path velocity"), alike[0])
+        same = [c["name"] for c in alike if c is not best and "path velocity" not in c["name"]]
+        named = best["name"] + (f" = {same[0]}" if same else "")
+        out.add(info("implied target resembles", f"{named} (cos {best['cos']:.4f}, norm ratio {best['ratio']:.3g})",
                      expected="the path velocity (or the declared prediction)"))
     out.add(info("velocity module (implied audit)", implied["module"], expected=implied["how"]))
     if implied.get("calls", 1) > 1:
