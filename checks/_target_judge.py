@@ -147,6 +147,19 @@ def _candidate_list(path: dict[str, Any], found: dict[str, Any]) -> list[dict[st
     return candidates
 
 
+def _path_end(path: dict[str, Any]) -> Any:
+    """For t in timestep units: the normalised t where the fitted path reaches its far end (x1 for t=1 at the data,
+    x0 for t=1 at the source), when that is well inside [0, 1] (t over 0..500 read as 0..0.5); else None."""
+    fit = path.get("fit") or {}
+    ends = fit.get("ends")
+    if not path.get("t_scale") or not ends:
+        return None
+    t_hi = ends["t"][1]
+    a_hi, b_hi = ends["a"][1], ends["b"][1]
+    reached = (abs(b_hi - 1) < 0.05 and abs(a_hi) < 0.05) or (abs(a_hi - 1) < 0.05 and abs(b_hi) < 0.05)
+    return t_hi if reached and 0.05 < t_hi < 0.9 else None
+
+
 def _judge_match(path: dict[str, Any], found: dict[str, Any], th: Any, out: _Findings,
                  subject: str, cap: Verdict = Verdict.FAIL, caveat: str = "") -> bool:
     """Judge ``found``'s cos / norm ratio against the path velocity (``subject``: "v_target" or "implied target")
@@ -166,6 +179,11 @@ def _judge_match(path: dict[str, Any], found: dict[str, Any], th: Any, out: _Fin
         cos_m = cos_m.model_copy(update={"verdict": Verdict.FAIL})
     ratio_m = ratio_within(f"median ||{subject}|| / ||path velocity||", ratio, warn_factor=th.norm_ratio_warn,
                            fail_factor=th.norm_ratio_fail)
+    end = _path_end(path)
+    in_span_units = end is not None and ratio_m.verdict is not Verdict.PASS and ratio_within(
+        "", ratio / end, warn_factor=th.norm_ratio_warn, fail_factor=th.norm_ratio_fail).verdict is Verdict.PASS
+    if in_span_units:  # right per t / (the span of t), wrong per t / (power of ten): which one the sampler uses?
+        ratio_m = ratio_m.model_copy(update={"verdict": Verdict.WARN})
     cos_m, ratio_m = (m.model_copy(update={"verdict": cap}) if m.verdict.severity > cap.severity else m
                       for m in (cos_m, ratio_m))
     out.add(cos_m)
@@ -203,6 +221,15 @@ def _judge_match(path: dict[str, Any], found: dict[str, Any], th: Any, out: _Fin
             problem = f"{label} is not the path velocity: median cos {cos:.3f}; closest candidates: {near}"
             fix = general_fix + f" Here: {velocity_text}."
         out.issues.append((cos_m.verdict, problem + caveat, fix))
+    elif in_span_units:
+        span = path["t_scale"] * end
+        out.issues.append((ratio_m.verdict,
+                           f"{label} is {_fmt_ratio(ratio)} the velocity per t / {path['t_scale']:g}, but "
+                           f"{_fmt_ratio(ratio / end)} the velocity per t / {span:.4g}: the path reaches its end at "
+                           f"raw t {span:.4g}, so t may be in units of {span:.4g} timesteps" + caveat,
+                           f"If t runs over 0..{span:.4g} (num_train_timesteps) and the sampler integrates over "
+                           f"t / {span:.4g}, this is right; if it integrates over t / {path['t_scale']:g}, scale the "
+                           "target. Returning t in [0, 1] (as the sampler integrates it) settles it."))
     elif ratio_m.verdict is not Verdict.PASS:
         out.issues.append((ratio_m.verdict,
                            f"{label} is {_fmt_ratio(ratio)} the path velocity (median norm ratio; cos {cos:.3f}): "

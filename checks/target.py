@@ -407,8 +407,10 @@ class TargetCheck(Check):
             "error; other losses fall back to the step's v_target.",
             "A target deliberately expressed in another time variable (v-prediction w.r.t. phi = pi t / 2) is "
             "reported as mis-scaled: return that variable as t.",
-            "Timestep units are normalised by the next power of ten above max(t) (1000 for 0..999); a schedule "
-            "over another span (e.g. 0..500) is judged with the wrong time unit.",
+            "Timestep units are normalised by the next power of ten above max(t) (1000 for 0..999). When t spans "
+            "another range (0..500) and the path reaches its end inside it, a target that is right per t / 500 "
+            "but not per t / 1000 warns with both readings instead of failing; where the path does not reach its "
+            "end, the power of ten is used.",
             "The gradient map is taken at step_index 0 on one batch: a loss term switched on later (KL warmup) is "
             "still audited through its unweighted `kl` output; behaviour that changes with the step is not.",
         ),

@@ -753,3 +753,12 @@ def test_a_prediction_modified_in_place_is_still_audited():
 def test_the_report_names_what_the_implied_target_resembles(options, resembles):
     result = _sd3(**options)
     assert _measurement(result, "implied target resembles").value.startswith(resembles)
+
+
+def test_timesteps_over_another_span_warn_instead_of_failing_the_norm_ratio():
+    """t over 0..500 (num_train_timesteps = 500) is normalised by 1000: the target is right per t / 500."""
+    result = _run(t_units=500.0)
+    assert result.verdict is Verdict.WARN, result.summary
+    assert "the path reaches its end at raw t" in result.summary and "0.5x" in result.summary
+    assert _run(t_units=500.0, target="flipped").verdict is Verdict.FAIL
+    assert _run(t_units=1000.0, target="half").verdict is Verdict.FAIL  # the span is 1000: a real 0.5x
