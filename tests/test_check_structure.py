@@ -494,3 +494,24 @@ def test_a_net_that_drops_t_after_embedding_it_is_not_excused_by_its_time_featur
     assert "changes nothing" in result.summary and "t is dropped" in result.summary
     features = result.details["balance"]["features"]
     assert features["module"] == "time.0" and features["mixes"] is None  # embedded, but never meets x_t
+
+
+def test_roughness_tells_smooth_time_features_from_aliased_ones():
+    t = torch.rand(32, generator=torch.Generator().manual_seed(0))
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(64) / 64)
+
+    def features(scale):
+        angles = t[:, None] * scale * freqs
+        return torch.cat([angles.sin(), angles.cos()], 1)
+
+    assert sm.smoothest_roughness(features(1000.0), t) < 0.05  # timesteps into a DDPM embedding: resolved
+    assert sm.smoothest_roughness(features(1e6), t) > 0.25  # x 1000 again: every feature aliases
+    assert sm.smoothest_roughness(features(1000.0), t[:1].expand(32)) is None  # one t: nothing to judge
+
+
+def test_t_too_large_for_its_embedding_warns_that_it_aliases():
+    result = structure(synthetic(Velocity(time_scale=1e6)))
+    assert result.verdict is Verdict.WARN, result.summary
+    assert "the time embedding aliases t" in result.summary
+    assert measurement(result, "time features follow t smoothly").verdict is Verdict.WARN
+    assert measurement(structure(synthetic()), "time features follow t smoothly").verdict is Verdict.PASS
