@@ -160,6 +160,11 @@ def _find_velocity(ctx, batch) -> _Found:
     if xt is None:
         found.call = calls[0]
         found.reason = "the step returns no 'xt' to find among the velocity net's arguments"
+        slot = _slot_shaped_like_output(ctx, calls[0])
+        if slot is not None:  # a loss-only step: x_t is the argument the prediction is shaped like
+            found.x_slot, found.reason = slot, None
+            found.notes.append(f"the step returns no 'xt': x_t taken as the velocity net's {sm.slot_name(slot)}, "
+                               "the argument shaped like its output")
         return found
     for call in calls:
         slot = sm.find_slot(call.args, call.kwargs, xt)
@@ -183,6 +188,21 @@ def _find_velocity(ctx, batch) -> _Found:
     if len(calls) >= MAX_RECORDED_CALLS:
         found.notes.append(f"only the first {MAX_RECORDED_CALLS} candidate calls were recorded")
     return found
+
+
+def _slot_shaped_like_output(ctx, call: _Call):
+    """The only floating-point argument with the shape of the module's output (x_t for a velocity net), or None."""
+    import torch
+
+    from . import _structure_math as sm
+
+    first = _first_tensor(call.args, call.kwargs)
+    if first is None or not first.dim():
+        return None
+    output = _probe(ctx, call, call.args, call.kwargs, int(first.shape[0]))
+    slots = [slot for slot, value in sm.iter_slots(call.args, call.kwargs) if isinstance(value, torch.Tensor)
+             and value.is_floating_point() and tuple(value.shape) == tuple(output.shape)]
+    return slots[0] if len(slots) == 1 else None
 
 
 def _packed_slot(call: _Call, xt):

@@ -515,3 +515,9 @@ def test_t_too_large_for_its_embedding_warns_that_it_aliases():
     assert "the time embedding aliases t" in result.summary
     assert measurement(result, "time features follow t smoothly").verdict is Verdict.WARN
     assert measurement(structure(synthetic()), "time features follow t smoothly").verdict is Verdict.PASS
+
+
+def test_a_step_without_xt_uses_the_argument_shaped_like_the_output_of_a_declared_velocity_net():
+    result = structure(synthetic(drop=("xt",)))
+    assert measurement(result, "t / x_t sensitivity").verdict is Verdict.PASS, result.summary
+    assert any("x_t taken as the velocity net's argument 0" in note for note in result.details["notes"])
