@@ -330,8 +330,7 @@ def _judge_implied(implied: dict[str, Any], path: dict[str, Any], th: Any, out: 
         return False
     if matched:
         relabel = ""
-        if path.get("prediction", "velocity") == "velocity" and (
-                implied.get("v_pred_is_raw") is False or path.get("cos_median", 1.0) < th.cos_warn):
+        if path.get("prediction", "velocity") == "velocity" and path.get("cos_median", 1.0) < th.cos_warn:
             relabel = (f"; the step's v_target is a relabelled target (median cos {path.get('cos_median', 0):.3f} "
                        "with the path velocity): the loss preconditions the output")
         key, toward = DECLARED.get(path.get("prediction", "velocity"), ("", "the path velocity"))
