@@ -71,6 +71,56 @@ def fit_samples(x0: torch.Tensor, x1: torch.Tensor, xt: torch.Tensor) -> SampleF
     return SampleFit(a=a, b=b, residual_sq=(residual * residual).sum(1), xt_sq=(xt * xt).sum(1), usable=usable)
 
 
+@dataclass
+class NoiseFit:
+    """Per-sample x_t ~ a x0 + b x1 + s noise, for a path whose step returns its noise (torchcfm's sigma > 0)."""
+
+    samples: SampleFit  # a, b, the residual after the noise term, usable
+    s: torch.Tensor  # (N,) coefficient of the returned noise
+
+
+def fit_samples_with_noise(x0: torch.Tensor, x1: torch.Tensor, noise: torch.Tensor, xt: torch.Tensor) -> NoiseFit:
+    """Per-sample least squares of x_t on (x0, x1, noise): 3x3 normal equations, batched."""
+    basis = torch.stack([flat(x0), flat(x1), flat(noise)], 1)  # (N, 3, D)
+    xt = flat(xt)
+    gram = basis @ basis.transpose(1, 2)
+    rhs = (basis @ xt[:, :, None])[:, :, 0]
+    diag = torch.diagonal(gram, dim1=1, dim2=2)
+    # relative determinant: the three directions must be far from linearly dependent
+    usable = torch.linalg.det(gram) > 1e-8 * diag.prod(1)
+    safe = torch.where(usable[:, None, None], gram, torch.eye(3, dtype=gram.dtype, device=gram.device))
+    coef = torch.where(usable[:, None], torch.linalg.solve(safe, rhs), torch.zeros_like(rhs))
+    residual = xt - (coef[:, :, None] * basis).sum(1)
+    fit = SampleFit(a=coef[:, 0], b=coef[:, 1], residual_sq=(residual * residual).sum(1), xt_sq=(xt * xt).sum(1),
+                    usable=usable)
+    return NoiseFit(samples=fit, s=coef[:, 2])
+
+
+def fit_over_t(t: np.ndarray, values: np.ndarray, max_degree: int = MAX_DEGREE) -> Curve:
+    """One smooth curve through per-sample values: averaged per distinct t, then :func:`fit_curve`."""
+    t = np.asarray(t, dtype=np.float64)
+    times = distinct_times(t)
+    index = np.clip(np.searchsorted(times, t - 1e-7 * max(1.0, float(np.ptp(t)))), 0, times.size - 1)
+    means = np.bincount(index, weights=np.asarray(values, dtype=np.float64), minlength=times.size) / \
+        np.bincount(index, minlength=times.size)
+    return fit_curve(times, means, max_degree)
+
+
+def noise_log_slope(t: np.ndarray, s: np.ndarray, max_degree: int = MAX_DEGREE) -> tuple[Callable, str]:
+    """s'(t) / s(t) of the noise std, from per-sample s_i: q(t) = s(t)^2 is fitted as a smooth curve (a Schrodinger
+    bridge's sigma^2 t (1 - t) is a polynomial, where sqrt(t (1 - t)) is singular at both ends), then
+    s'/s = q' / (2 q). Returns (function of t, description)."""
+    curve = fit_over_t(t, np.asarray(s, dtype=np.float64) ** 2, max_degree)
+
+    def slope(times: np.ndarray) -> np.ndarray:
+        times = np.asarray(times, dtype=np.float64)
+        value = curve.value(times)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(value > 0, curve.slope(times) / (2 * value), 0.0)
+
+    return slope, f"s(t)^2 {curve.describe()}"
+
+
 def fit_combination(v: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> SampleFit:
     """The same least squares for v_target: v ~ c x0 + d x1 describes the target in terms of the endpoints."""
     return fit_samples(x0, x1, v)
@@ -298,7 +348,8 @@ def cosine_and_ratio(v: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def candidate_targets(x0: torch.Tensor, x1: torch.Tensor, xt: torch.Tensor, expected: torch.Tensor,
-                      eps: Optional[torch.Tensor], source_coef: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+                      eps: Optional[torch.Tensor], source_coef: torch.Tensor,
+                      without_noise: Optional[torch.Tensor] = None) -> dict[str, Callable[[], torch.Tensor]]:
     """The quantities a wrong target is usually made of, each as a zero-argument function returning (N, D)
     (built one at a time, so that large latents do not hold ten copies at once).
 
@@ -319,6 +370,8 @@ def candidate_targets(x0: torch.Tensor, x1: torch.Tensor, xt: torch.Tensor, expe
     if eps is not None and eps.numel() == x0.numel():
         found["eps (the reparam noise)"] = lambda: flat(eps)
         found["-eps"] = lambda: -flat(eps)
+    if without_noise is not None:
+        found["a'(t) x0 + b'(t) x1 without the noise term"] = lambda: without_noise
     return found
 
 

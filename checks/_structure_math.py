@@ -208,3 +208,41 @@ def balance(t_change: float, x_change: float, floor: float) -> tuple[Optional[fl
     if x_change <= floor:
         return math.inf, "x flat"
     return t_change / x_change, "measured"
+
+
+def layout_map(packed, reference) -> Optional[Any]:
+    """An index m with packed.flatten(1)[:, m] == reference.flatten(1) for every sample, when the two tensors hold the
+    same elements in another layout (Flux-style packing of latents into tokens); None otherwise. Found by sorting the
+    first sample's values, then verified on every sample (one layout for the whole batch)."""
+    import torch
+
+    a = packed.detach().reshape(packed.shape[0], -1).to(torch.float64)
+    b = reference.detach().reshape(reference.shape[0], -1).to(device=a.device, dtype=torch.float64)
+    if a.shape != b.shape or a.shape[1] == 0:
+        return None
+    if torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()) + 1e-12):
+        return torch.arange(a.shape[1], device=a.device)
+    index = torch.empty(a.shape[1], dtype=torch.long, device=a.device)
+    index[torch.argsort(b[0])] = torch.argsort(a[0])
+    scale = 1e-3 * float(b.abs().max()) + 1e-12
+    return index if torch.allclose(a[:, index], b, rtol=1e-3, atol=scale) else None
+
+
+def smoothest_roughness(features: Any, t: Any, min_distinct: int = 16) -> Optional[float]:
+    """How smoothly the best-resolved time feature follows t across the batch: samples sorted by t, per feature
+    mean((F[i+1] - F[i])^2) / (2 var(F)), the minimum over features. About 1 for a feature that jumps at random
+    between neighbouring t (a sinusoid far above the batch's t spacing: aliased), near 0 for one that varies
+    slowly with t (it grows with the t spacing, so fewer than ``min_distinct`` distinct t are not judged). None when
+    t has too few distinct values or no feature varies."""
+    import torch
+
+    t = t.detach().to(torch.float64).flatten()
+    if int(torch.unique(t).numel()) < min_distinct:
+        return None
+    f = features.detach().to(device=t.device, dtype=torch.float64).reshape(t.shape[0], -1)[torch.argsort(t)]
+    var = f.var(0, unbiased=False)
+    live = var > 1e-12 * float(var.max()) if var.numel() and float(var.max()) > 0 else None
+    if live is None or not bool(live.any()):
+        return None
+    steps = (f[1:] - f[:-1]).pow(2).mean(0)
+    return float((steps[live] / (2 * var[live])).min())

@@ -17,6 +17,9 @@ from .errors import PipelineError
 from .isolate import capture, describe
 
 
+PREDICTIONS = ("velocity", "epsilon", "sample")  # the parameterisations a sampler may convert from
+
+
 @dataclasses.dataclass(kw_only=True)
 class Pipeline:
     """What fmcheck needs of a training setup. Training code may return a plain dict with the same keys instead."""
@@ -36,6 +39,7 @@ class Pipeline:
     generators: Any = None  # name -> random generator (or a sequence) the step draws from that fmcheck cannot find
     before_optimizer_step: Optional[Callable[[], None]] = None  # after backward (and unscale_), before step
     lr_scheduler: Any = None  # stepped after each optimizer step; state_dict() / load_state_dict() to restore it
+    prediction: str = "velocity"  # what the velocity module's raw output is trained to be: velocity, epsilon, sample
 
     def __post_init__(self) -> None:
         validate(self)
@@ -175,6 +179,9 @@ def _validate_generators(generators: Any) -> None:
         if not is_generator(generator):
             raise PipelineError(f"pipeline field '{where}': expected a torch.Generator (or random.Random, numpy "
                                 f"Generator), got {_type_name(generator)}")
+    if pipeline.prediction not in PREDICTIONS:
+        raise PipelineError(f"pipeline field 'prediction': expected one of {', '.join(repr(p) for p in PREDICTIONS)}, "
+                            f"got {pipeline.prediction!r}")
 
 
 def coerce(value: Any, source: str = "pipeline") -> Pipeline:

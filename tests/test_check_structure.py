@@ -236,13 +236,37 @@ def test_net_that_drops_t_warns_time_ignored():
     assert "time ignored" in result.summary
 
 
-def test_zero_initialised_output_is_not_judged():
+def test_a_zero_initialised_output_layer_is_measured_at_the_last_hidden_activation():
     velocity = Velocity()
     nn.init.zeros_(velocity.body[-1].weight)
+    nn.init.zeros_(velocity.body[-1].bias)
     result = structure(synthetic(velocity))
     ratio = measurement(result, "t / x_t sensitivity")
-    assert ratio.verdict is Verdict.SKIP and "neither" in ratio.unit
-    assert result.verdict is Verdict.PASS
+    assert ratio.verdict is Verdict.PASS and 0.01 < ratio.value < 1, result.summary
+    assert "last hidden activation" in measurement(result, "balance measured at").value
+    assert "body.4" in result.details["balance"]["where"]
+    # ... where the bugs it hid show again: t divided by 1000 on the way in
+    blind = Velocity(time_scale=1e-3)
+    nn.init.zeros_(blind.body[-1].weight)
+    nn.init.zeros_(blind.body[-1].bias)
+    result = structure(synthetic(blind))
+    assert measurement(result, "t / x_t sensitivity").verdict is Verdict.WARN
+    assert "time ignored" in result.summary
+
+
+def test_a_net_that_moves_with_nothing_is_not_a_pass():
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(LATENT))
+
+        def forward(self, xt, t, q):
+            return self.bias.expand(xt.shape[0], LATENT) + 0 * xt
+
+    result = structure(synthetic(Constant()))
+    ratio = measurement(result, "t / x_t sensitivity")
+    assert ratio.verdict is Verdict.WARN and "neither" in ratio.unit
+    assert result.verdict is Verdict.WARN
 
 
 def test_dropout_in_the_velocity_net_does_not_blur_the_balance():
@@ -255,7 +279,8 @@ def test_dropout_in_the_velocity_net_does_not_blur_the_balance():
 def test_balance_not_measured_names_what_is_missing():
     result = structure(synthetic(declare_velocity=False, drop=("xt",)))
     ratio = measurement(result, "t / x_t sensitivity")
-    assert ratio.verdict is Verdict.SKIP
+    assert ratio.verdict is Verdict.WARN  # a probe that did not measure is never a PASS
+    assert result.verdict is Verdict.WARN and "declare the pipeline field 'velocity'" in result.hint
     assert "'xt'" in ratio.unit and "'velocity'" in ratio.unit
     assert "not measured" in result.summary
 
@@ -440,3 +465,102 @@ def test_digits_fixtures_fire_for_their_reason(digits_results):
     units = digits_results["time_units_wrong"]
     assert units.verdict is Verdict.WARN and "time ignored" in units.summary
     assert measurement(units, "t argument / step t").value == pytest.approx(1e-3)
+
+
+def test_packed_latents_are_matched_to_x_t_and_a_timestep_bug_behind_them_shows():
+    """Flux-style: the step packs x_t (B, C, H, W) into tokens (B, HW/4, 4C) before the transformer and unpacks its
+    output; the adapter returns the unpacked tensors."""
+    channels, side = 1, 4
+    latent = channels * side * side
+
+    def pack(x):
+        b = x.shape[0]
+        return x.view(b, channels, side // 2, 2, side // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * channels)
+
+    def unpack(tokens):
+        b = tokens.shape[0]
+        return tokens.view(b, side // 2, side // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, latent)
+
+    class Tokens(nn.Module):
+        def __init__(self, time_scale=1.0):
+            super().__init__()
+            self.inner = Velocity(time_scale=time_scale)
+
+        def forward(self, tokens, t, q):
+            return pack(self.inner(unpack(tokens), t, q).view(-1, channels, side, side))
+
+    assert latent == LATENT
+    for scale, verdict in ((1.0, Verdict.PASS), (1e-3, Verdict.WARN)):
+        net = Tokens(scale)
+        call = lambda v, xt, t, q: unpack(v(pack(xt.view(-1, channels, side, side)), t, q))  # noqa: E731
+        result = structure(synthetic(net, call=call))
+        ratio = measurement(result, "t / x_t sensitivity")
+        assert ratio.verdict is verdict, result.summary
+        assert any("packed" in note for note in result.details["notes"])
+
+
+class ZeroBlockVelocity(Velocity):
+    """t enters only through a zero-initialised residual branch (torchcfm's UNet, DiT's adaLN-zero): at init the
+    output, and every activation after the branch, is exactly blind to t."""
+
+    def __init__(self, time_scale: float = 1000.0):
+        super().__init__(time_scale=time_scale)
+        self.gate = nn.Linear(64, 64)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, xt, t, q):
+        angles = (t.float().reshape(-1) * self.time_scale)[:, None] * self.freqs
+        emb = self.time(torch.cat([angles.sin(), angles.cos()], dim=1))
+        h = self.inp(xt.float()) + self.text(q)
+        h = h + self.gate(nn.functional.silu(h + emb))
+        return self.body(h)
+
+
+def test_a_net_blind_to_t_at_init_is_judged_at_its_time_features():
+    result = structure(synthetic(ZeroBlockVelocity()))
+    assert result.verdict is Verdict.PASS, result.summary
+    ratio = measurement(result, "t / x_t sensitivity")
+    assert ratio.value == 0 and "judged at the time features" in ratio.expected
+    features = measurement(result, "time features across the batch")
+    assert features.value > 0.1 and "time.0" in features.expected
+    # the units bug such a net hides: t divided by 1000 once too often leaves its time features flat
+    result = structure(synthetic(ZeroBlockVelocity(time_scale=1.0 / 1000)))
+    assert result.verdict is Verdict.WARN
+    assert "time features at time.0 barely vary" in result.summary
+    assert measurement(result, "time features across the batch").value < 0.01
+
+
+def test_a_net_that_drops_t_after_embedding_it_is_not_excused_by_its_time_features():
+    result = structure(synthetic(Velocity(uses_t=False)))
+    assert result.verdict is Verdict.WARN
+    assert "changes nothing" in result.summary and "t is dropped" in result.summary
+    features = result.details["balance"]["features"]
+    assert features["module"] == "time.0" and features["mixes"] is None  # embedded, but never meets x_t
+
+
+def test_roughness_tells_smooth_time_features_from_aliased_ones():
+    t = torch.rand(32, generator=torch.Generator().manual_seed(0))
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(64) / 64)
+
+    def features(scale):
+        angles = t[:, None] * scale * freqs
+        return torch.cat([angles.sin(), angles.cos()], 1)
+
+    assert sm.smoothest_roughness(features(1000.0), t) < 0.05  # timesteps into a DDPM embedding: resolved
+    assert sm.smoothest_roughness(features(1e6), t) > 0.25  # x 1000 again: every feature aliases
+    assert sm.smoothest_roughness(features(1000.0), t[:1].expand(32)) is None  # one t: nothing to judge
+
+
+def test_t_too_large_for_its_embedding_warns_that_it_aliases():
+    result = structure(synthetic(Velocity(time_scale=1e6)))
+    assert result.verdict is Verdict.WARN, result.summary
+    assert "the time embedding aliases t" in result.summary
+    assert measurement(result, "time features follow t smoothly").verdict is Verdict.WARN
+    assert measurement(structure(synthetic()), "time features follow t smoothly").verdict is Verdict.PASS
+
+
+def test_a_step_without_xt_uses_the_argument_shaped_like_the_output_of_a_declared_velocity_net():
+    result = structure(synthetic(drop=("xt",)))
+    assert measurement(result, "t / x_t sensitivity").verdict is Verdict.PASS, result.summary
+    assert any("x_t taken as the velocity net's argument 0" in note for note in result.details["notes"])

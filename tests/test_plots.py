@@ -87,7 +87,8 @@ def test_a_wrong_target_shows_in_the_per_sample_cosines():
 @needs_matplotlib
 def test_figures_are_written_and_every_report_lists_them(scaled_run):
     directory, report = scaled_run
-    expected = {"norms": [str(directory / "norms-latents.png")], "target": [str(directory / "target-path.png")]}
+    expected = {"norms": [str(directory / "norms-latents.png")],
+                "target": [str(directory / "target-path.png"), str(directory / "target-weight.png")]}
     assert {r.id: r.plots for r in report.checks} == expected
     for paths in expected.values():
         with open(paths[0], "rb") as png:
@@ -112,8 +113,9 @@ def test_a_figure_that_fails_to_draw_is_a_note_and_the_others_are_written(tmp_pa
 
     monkeypatch.setattr(plots, "_path_figure", broken)
     report = _run(tmp_path)
-    [note] = report.check("target").plots
+    note, weight = report.check("target").plots
     assert note.startswith("not written: path figure failed: ValueError: no finite values (")  # and where it was
+    assert weight == str(tmp_path / "target-weight.png")  # the other figure of the same check is still written
     assert report.check("norms").plots == [str(tmp_path / "norms-latents.png")]
     assert report.verdict is Verdict.PASS  # the verdicts never depend on plots
 

@@ -10,6 +10,9 @@ draws it (built-in and plugin checks alike; docs/plugins.md):
   (``norms``), and per-channel std and mean (``channels``). (``norms``.)
 - ``path.schedule``: per-sample path coefficients (t, a, b), the fitted a(t), b(t) and a'(t), b'(t) on a grid, and
   per-sample cos(v_target, path velocity) against t. (``target``.)
+- ``implied.weight_curve``: ``{"t": [...], "k": [...]}`` the implied per-sample loss weight k_i / median against t,
+  and ``implied.cos_curve`` ``{"t": [...], "cos": [...]}`` the implied target's cosine with the path velocity.
+  (``target``.)
 
 matplotlib is an optional extra (``pip install 'fmcheck[plot]'``); only its object API is used, so no global backend
 or pyplot state of the user's process is touched.
@@ -73,6 +76,10 @@ def _figures_of(result: CheckResult) -> list[tuple[str, Callable[[CheckResult], 
     path = details.get("path")
     if isinstance(path, dict) and isinstance(path.get("schedule"), dict):
         found.append(("path", _path_figure))
+    implied = details.get("implied")
+    if isinstance(implied, dict) and isinstance(implied.get("weight_curve"), dict) and \
+            implied["weight_curve"].get("t"):
+        found.append(("weight", _weight_figure))
     if isinstance(details.get("curves"), dict) and details["curves"].get("step"):
         found.insert(0, ("curves" if found else "", _curves_figure))
     return found
@@ -261,6 +268,33 @@ def _path_figure(result: CheckResult):
     described = f": {fit['describe']}" if fit.get("describe") else (f": not fitted ({fit['reason']})"
                                                                    if fit.get("reason") else "")
     figure.suptitle(f"{result.id}: interpolation path{described} ({result.verdict.value})", fontsize=11)
+    return figure
+
+
+# -- implied loss weight (target) -------------------------------------------------------------------------------------
+def _weight_figure(result: CheckResult):
+    implied = result.details["implied"]
+    curve = implied["weight_curve"]
+    cos = implied.get("cos_curve") if isinstance(implied.get("cos_curve"), dict) else None
+    figure, axes = _figure(2 if cos and cos.get("t") else 1)
+    row = list(axes[0])
+    axis = row.pop(0)
+    t, k = _numbers(curve["t"]), _numbers(curve["k"])
+    colours = ["tab:red" if value < 0 else "tab:blue" for value in k]
+    axis.scatter(t, k, s=8, alpha=0.6, c=colours, label="k_i / median (red: negative)")
+    axis.axhline(0.0, color="black", linewidth=0.6)
+    if _log_ok(k):
+        _plain_log(axis, "y", k)
+    axis.set_title("implied loss weight w(t) = k_i / median k", fontsize=10)
+    _time_axis(axis, "t (the path's time)")
+    if row:
+        axis = row.pop(0)
+        axis.scatter(cos["t"], cos["cos"], s=8, alpha=0.6, color="tab:purple", label="per sample")
+        axis.set_ylim(min([c for c in _numbers(cos["cos"]) if math.isfinite(c)] + [0.8]) - 0.05, 1.02)
+        axis.set_title("cos(implied target, path velocity)", fontsize=10)
+        _time_axis(axis, "t (the path's time)")
+    figure.suptitle(f"{result.id}: what the loss trains {implied.get('module', 'the output')} toward "
+                    f"({result.verdict.value})", fontsize=11)
     return figure
 
 

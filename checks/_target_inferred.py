@@ -1,0 +1,141 @@
+"""The path of a step that returns only its loss: x_t, t from the velocity module's inputs, x1 from the pipeline's
+``encode``, and the path's coefficients inferred without x0.
+
+For an affine path x_t = a(t) x0 + b(t) x1 with a source x0 drawn independently of the data x1 (noise, or a text
+head's sample), the projection of x_t on x1 gives b per sample up to a term of relative size 1/sqrt(D)
+(E<x0, x1> = 0), so a smooth fit B(t) of <x_t, x1> / ||x1||^2 is b(t); the rest, x_t - B(t) x1 = a(t) x0, has a norm
+proportional to a(t) (||x0|| is the same in law for every t), so a smooth fit A(t) of ||x_t - B(t) x1|| is a(t) up
+to a constant factor. The velocity needs only B, B' and the log-derivative A'/A, which that factor does not change:
+
+    v = a' x0 + b' x1 = (A'/A)(t) (x_t - B(t) x1) + B'(t) x1.
+
+Pure functions on (N, D) tensors and (N,) numpy times; torch is imported lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+MIN_SAMPLES = 8  # fewer samples cannot support the two curves
+
+
+@dataclass
+class InferredPath:
+    ok: bool
+    reason: str = ""
+    expected: Any = None  # (N, D) the path velocity
+    source: Any = None  # (N, D) the inferred x0 direction, scaled by 1 / A(t)
+    describe: str = ""
+    direction: str = ""
+    ends: Optional[dict] = None
+
+
+def infer_path(xt, x1, t) -> InferredPath:
+    """The path velocity of each sample from x_t, x1 and the path time t (numpy, in [0, 1] units)."""
+    import numpy as np
+    import torch
+
+    from . import _path_fit as pf
+
+    xt, x1 = pf.flat(xt), pf.flat(x1)
+    t = np.asarray(t, dtype=np.float64)
+    n = int(xt.shape[0])
+    count, width = pf.spread(t)
+    if n < MIN_SAMPLES or count < pf.MIN_DISTINCT_T + 1 or width < pf.MIN_T_RANGE:
+        return InferredPath(False, f"{n} samples with {count} distinct t spanning {width:.3g}: too few to infer "
+                                   "the path without x0")
+    size = (x1 * x1).sum(1)
+    if bool((size <= 0).any()):
+        return InferredPath(False, "some x1 is zero")
+    b_hat = ((xt * x1).sum(1) / size).cpu().numpy()
+    b_curve = pf.fit_over_t(t, b_hat, max_degree=3)
+    b_t = torch.as_tensor(b_curve.value(t), dtype=torch.float64, device=xt.device)
+    rest = xt - b_t[:, None] * x1
+    # ||x_t - B x1|| scatters ~1/sqrt(2D) per sample around a(t) ||x0||: low degrees only (linear paths are exact)
+    norms = (rest.norm(dim=1) / math.sqrt(xt.shape[1])).cpu().numpy()
+    a_curve = pf.fit_over_t(t, norms, max_degree=3)
+    a_t = a_curve.value(t)
+    if not bool(np.all(a_t > 1e-3 * float(np.max(np.abs(a_t))))):
+        return InferredPath(False, "the source's share of x_t, ||x_t - b(t) x1||, reaches zero inside the t range: "
+                                   "its log-derivative is undefined there")
+    log_slope = torch.as_tensor(a_curve.slope(t) / a_t, dtype=torch.float64, device=xt.device)
+    db = torch.as_tensor(b_curve.slope(t), dtype=torch.float64, device=xt.device)
+    expected = log_slope[:, None] * rest + db[:, None] * x1
+    source = rest / torch.as_tensor(a_t, dtype=torch.float64, device=xt.device)[:, None]
+    lo, hi = float(t.min()), float(t.max())
+    ends = {"t": [lo, hi], "b": [float(b_curve.value(np.array([lo]))[0]), float(b_curve.value(np.array([hi]))[0])],
+            "a (relative)": [float(a_curve.value(np.array([lo]))[0] / a_curve.value(np.array([hi]))[0]), 1.0]}
+    rising = ends["b"][1] > ends["b"][0]
+    direction = "t=1 at the data (x1)" if rising else "t=1 at the source (x0)"
+    return InferredPath(True, expected=expected, source=source, direction=direction, ends=ends,
+                        describe=f"b(t) {b_curve.describe()}, a(t) up to a factor {a_curve.describe()} "
+                                 "(inferred from x_t and x1)")
+
+
+def compare_inferred(ctx, batch, probe, solved, obs: dict[str, Any]) -> dict[str, Any]:
+    """A step without x0/x1/x_t/t (``probe``, ``solved``: the implied audit's first probe and solution): x_t and t
+    from the velocity module's inputs, x1 from ``encode``, the path inferred by :func:`infer_path`; the implied
+    target compared with that path's velocity."""
+    import numpy as np
+    import torch
+
+    from . import _path_fit as pf
+    from . import _structure_math as sm
+    from ._target_implied import PROBE_SALT, _thin, weight_shape
+
+    raw = probe.raw
+    n = int(raw.shape[0])
+    kwargs = probe.kwargs or {}
+    x_slot = next((slot for slot, value in sm.iter_slots(probe.args, kwargs) if isinstance(value, torch.Tensor)
+                   and value.shape == raw.shape and value.is_floating_point()), None)
+    if x_slot is None:
+        return {**obs, "compared": False, "not_compared": "no argument of the velocity module is shaped like its "
+                                                          "output (x_t)"}
+    t_slot, _, how = sm.find_time_slot(probe.args, kwargs, n, None, exclude=x_slot)
+    if t_slot is None:
+        return {**obs, "compared": False, "not_compared": f"cannot tell which argument is t: {how}"}
+    if ctx.pipeline.encode is None:
+        return {**obs, "compared": False, "not_compared": "no pipeline field 'encode' to compute x1"}
+    xt = sm.get_slot(probe.args, kwargs, x_slot).detach()
+    raw_t = sm.per_sample_scalar(sm.get_slot(probe.args, kwargs, t_slot), n).cpu().numpy()
+    t, scale = pf.normalise_time(raw_t)
+    ctx.seed_everything(salt=PROBE_SALT)  # the step's first draws: a sampled posterior matches the step's
+    with torch.no_grad():
+        x1 = ctx.pipeline.encode(ctx.pipeline.pixels_of(batch))
+    if not isinstance(x1, torch.Tensor) or x1.shape[0] != n or x1[0].numel() != xt[0].numel():
+        return {**obs, "compared": False, "not_compared": f"encode's x1 {tuple(getattr(x1, 'shape', ()))} does not "
+                                                          f"match the velocity module's x_t {tuple(xt.shape)}"}
+    path = infer_path(xt, x1.detach().to(xt.device), t)
+    obs["inferred"] = [f"x_t: the velocity module's {sm.slot_name(x_slot)}",
+                       f"t: its {sm.slot_name(t_slot)} ({how})" + (f", divided by {scale:g}" if scale else ""),
+                       "x1: pipeline field 'encode' on the batch's pixels", "v_pred: the module's output",
+                       "target: the loss gradient", "x0: x_t - b(t) x1 (a source independent of the data)"]
+    obs["weight"] = weight_shape(t, solved.k.cpu().numpy())
+    median = obs["weight"].get("median") or 1.0
+    keep = _thin(n)
+    obs["weight_curve"] = {"t": t[keep].tolist(), "k": (solved.k.cpu().numpy()[keep] / median).tolist()}
+    if not path.ok:
+        return {**obs, "compared": False, "not_compared": path.reason}
+    obs.update(direction=path.direction, describe=path.describe, ends=path.ends)
+    target = solved.target.to(path.expected.device)
+    rows = torch.isfinite(target).all(1)
+    cos, ratio = pf.cosine_and_ratio(target[rows], path.expected[rows])
+    finite = torch.isfinite(cos) & torch.isfinite(ratio)
+    if not bool(finite.any()):
+        return {**obs, "compared": False, "not_compared": "no sample with a positive weight and a non-zero velocity"}
+    cos_f, ratio_f = cos[finite], ratio[finite]
+    summary = torch.stack([cos_f.median(), ratio_f.median(), cos_f.quantile(0.05)]).cpu().tolist()
+    obs["compared"] = True
+    obs["cos_median"], obs["ratio_median"], obs["cos_p05"] = (float(x) for x in summary)
+    obs["cos_samples"] = [round(float(x), 5) for x in cos_f.cpu().tolist()]
+    t_rows = t[rows.cpu().numpy()][finite.cpu().numpy()]
+    keep = _thin(len(obs["cos_samples"]))
+    obs["cos_curve"] = {"t": t_rows[keep].tolist(), "cos": np.asarray(obs["cos_samples"])[keep].tolist()}
+    ones = torch.ones(int(rows.sum()), dtype=torch.float64, device=target.device)
+    candidates = pf.candidate_targets(path.source[rows], pf.flat(x1).to(target.device)[rows],
+                                      pf.flat(xt).to(target.device)[rows], path.expected[rows], None, ones)
+    obs["candidates"] = [{"name": r.name, "cos": r.cos, "ratio": r.ratio}
+                         for r in pf.resemblances(target[rows], candidates)]
+    return obs
