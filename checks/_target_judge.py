@@ -431,7 +431,7 @@ def _judge_fm_paths(grad: dict[str, Any], fm_key: str, fm: dict[str, Any], out: 
     tiny = ZERO_REL * max([*fm["modules"].values(), 0.0])
     for module, norm in sorted(fm["modules"].items()):
         if grad["modules"].get(module) == "trainable":
-            out.add(info(f"|grad {fm_key}| {module}", norm, expected="> 0"))
+            out.add(info(f"|grad {fm_key}| {module}", norm, note="the gradient norm it sends this module"))
     if roles["velocity"]:
         v_norm = fm["roles"]["velocity"]
         out.add(flag(f"{fm_key} reaches the velocity net", v_norm > tiny and v_norm > 0, value=v_norm,
