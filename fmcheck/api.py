@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from .report import Measurement
 from .verdict import Verdict
@@ -21,9 +21,32 @@ if TYPE_CHECKING:
 
 
 class Thresholds(BaseModel):
-    """Base for a check's configurable thresholds: unknown keys are errors, not silently ignored."""
+    """Base for a check's configurable thresholds: unknown keys are errors, not silently ignored.
+
+    A pair ``X_warn`` / ``X_fail`` must keep the order of its defaults: the warning bound lies between passing and
+    failing (``ratio_warn=5`` with ``ratio_fail=1.5`` would fail what it never warned about).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _warn_before_fail(self) -> "Thresholds":
+        fields = type(self).model_fields
+        for name in fields:
+            if not name.endswith("_warn") or f"{name[:-5]}_fail" not in fields:
+                continue
+            fail_name = f"{name[:-5]}_fail"
+            warn_default, fail_default = fields[name].default, fields[fail_name].default
+            warn, fail = getattr(self, name), getattr(self, fail_name)
+            numbers = (warn_default, fail_default, warn, fail)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) \
+                    or warn_default == fail_default:
+                continue
+            higher_is_worse = warn_default < fail_default
+            if (warn > fail) if higher_is_worse else (warn < fail):
+                raise ValueError(f"{name} ({warn:g}) lies beyond {fail_name} ({fail:g}): the warning bound must come "
+                                 f"before the failure bound ({'<=' if higher_is_worse else '>='} {fail_name})")
+        return self
 
 
 class NoThresholds(Thresholds):

@@ -181,4 +181,6 @@ def thresholds_for(check_cls: Any, settings: Settings, origins: dict[str, str]) 
                               + (f" (did you mean '{close[0]}'?)" if close else
                                  f" (known: {', '.join(known) or 'none'})")) from exc
         message = error["msg"].removeprefix("Value error, ")
+        if not name:  # a rule over several thresholds: the message names them
+            raise ConfigError(f"{where}: {message}") from exc
         raise ConfigError(f"{where}: {name}: {message} (got {error.get('input')!r})") from exc

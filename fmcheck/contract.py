@@ -160,6 +160,9 @@ def validate(pipeline: Pipeline) -> None:
     if scheduler is not None and not all(callable(getattr(scheduler, m, None))
                                          for m in ("step", "state_dict", "load_state_dict")):
         raise bad("lr_scheduler", "an LR scheduler with step(), state_dict() and load_state_dict()")
+    if pipeline.prediction not in PREDICTIONS:
+        raise PipelineError(f"pipeline field 'prediction': expected one of {', '.join(repr(p) for p in PREDICTIONS)}, "
+                            f"got {pipeline.prediction!r}")
     _validate_generators(pipeline.generators)
 
 
@@ -179,9 +182,6 @@ def _validate_generators(generators: Any) -> None:
         if not is_generator(generator):
             raise PipelineError(f"pipeline field '{where}': expected a torch.Generator (or random.Random, numpy "
                                 f"Generator), got {_type_name(generator)}")
-    if pipeline.prediction not in PREDICTIONS:
-        raise PipelineError(f"pipeline field 'prediction': expected one of {', '.join(repr(p) for p in PREDICTIONS)}, "
-                            f"got {pipeline.prediction!r}")
 
 
 def coerce(value: Any, source: str = "pipeline") -> Pipeline:

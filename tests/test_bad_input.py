@@ -115,6 +115,9 @@ CASES = [
      2, "module 'velocity.net.0' is on the meta device"),
     ("device-mps-missing", "def build():\n    return pipeline()", ["--device", "mps"], 2,
      "--device mps: MPS is not available on this machine"),
+    ("set-warn-beyond-fail", "def build():\n    return pipeline()",
+     ["--set", "norms.ratio_warn=5", "--set", "norms.ratio_fail=1.5"], 2,
+     "--set norms.*: ratio_warn (5) lies beyond ratio_fail (1.5): the warning bound must come before the failure"),
     ("set-unknown-threshold", "def build():\n    return pipeline()", ["--set", "norms.ratio_wrn=3"], 2,
      "unknown threshold 'ratio_wrn' for check 'norms' (did you mean 'ratio_warn'?)"),
     ("set-unknown-check", "def build():\n    return pipeline()", ["--set", "norm.ratio_warn=3"], 2,
@@ -227,3 +230,34 @@ def test_scale_vae_finds_a_cached_id_and_its_vae_subfolder(tmp_path, monkeypatch
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     assert locate("org/pipe") == snapshot / "vae"
     assert locate("org/pipe/vae") == snapshot / "vae"
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/proc/x.py", "init /proc/x.py: cannot write /proc/x.py"),
+    ("notes.txt", "init notes.txt: the adapter must be a .py file (or name a folder)"),
+])
+def test_init_into_a_bad_path_is_one_line(tmp_path, monkeypatch, path, message):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["init", path], catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert "fmcheck: error: init" in result.output  # no doubled "fmcheck: error: fmcheck init"
+
+
+def test_init_into_a_new_folder_writes_there_and_says_how_to_run_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["init", "adapters/"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "adapters" / "fmcheck_adapter.py").exists()
+    assert "cd adapters && fmcheck all --module fmcheck_adapter:build" in result.output
+
+
+def test_ctrl_c_before_any_check_ran_says_so_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "interrupted.py").write_text(BASE + "\ndef build():\n    d = pipeline()\n"
+                                             "    def step(b, i):\n        raise KeyboardInterrupt\n"
+                                             "    d['step'] = step\n    return d\n")
+    result = CliRunner().invoke(app, ["all", "--module", "interrupted:build"], catch_exceptions=False)
+    assert result.exit_code == 130, result.output
+    assert "interrupted (Ctrl-C) before any check ran; nothing was checked" in " ".join(result.output.split())
+    assert "Traceback" not in result.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import math
 
 import fm_variants
@@ -474,7 +476,7 @@ def test_sd3_training_losses_pass_whatever_the_preconditioning_and_weighting(opt
         assert implied["weight"]["describe"] == weight
     if options.get("precondition"):
         assert "the loss preconditions the output" in result.summary
-        assert _measurement(result, "median cos(v_target, path velocity)").verdict is Verdict.PASS  # a cross-check
+        assert _measurement(result, "median cos(v_target, path velocity)").verdict is None  # a cross-check: context
     assert len(implied["weight_curve"]["t"]) == len(implied["weight_curve"]["k"]) == implied["samples"]
 
 
@@ -500,11 +502,11 @@ def test_a_declared_prediction_is_what_the_target_is_compared_with():
 
 def test_a_step_whose_randomness_is_not_replayed_falls_back_to_v_target():
     pipeline = fm_variants.build()
-    own = torch.Generator().manual_seed(1)
+    calls = itertools.count()
     step = pipeline["step"]
 
-    def reseeded(batch, index):  # a private generator that advances between calls: nothing fmcheck can replay
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=own)))
+    def reseeded(batch, index):  # seeded from a call counter: nothing fmcheck can find or replay
+        torch.manual_seed(next(calls))
         return step(batch, index)
 
     pipeline["step"] = reseeded
