@@ -69,7 +69,8 @@ def build():
         "decode": decode,
         # "pixels": lambda batch: batch["pixels"],   # how to find the pixels in YOUR batch format
         "total_steps": TOTAL_STEPS,
-        "velocity": velocity,
+        "velocity": velocity,                        # `target` asks the loss what it trains this output toward
+        # "prediction": "velocity",                  # or "epsilon" / "sample", if your sampler converts from those
         # "grad_scaler": scaler,                     # if training uses fp16 autocast with a GradScaler
         # "generators": {{"noise": noise_gen}},      # torch.Generators your step draws from, if fmcheck cannot
         #                                            # find them (it looks in the DataLoader, the step's closure
