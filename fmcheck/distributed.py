@@ -74,6 +74,12 @@ def teardown(rank: Optional[Rank]) -> None:
     import torch.distributed as dist
 
     if rank is not None and rank.created_group and dist.is_initialized():
+        from .isolate import capture
+
+        # All ranks leave together: a rank that exits while another still tears the group down can make the
+        # other's transport abort (SIGABRT) instead of exiting with fmcheck's code. A dead peer makes the barrier
+        # fail at once, which changes nothing here.
+        capture(dist.barrier)
         dist.destroy_process_group()
 
 
