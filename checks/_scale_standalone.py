@@ -312,7 +312,7 @@ def judge(obs: dict[str, Any], config: dict[str, Any], thresholds: Any, images: 
     verdict = Verdict.worst(m.verdict for m in measurements)
     if findings:
         findings.sort(key=lambda f: -f[0].severity)
-        summary = findings[0][1] + (f" (+{len(findings) - 1} more below)" if len(findings) > 1 else "")
+        summary = findings[0][1] + (f" (+{len(findings) - 1} more findings)" if len(findings) > 1 else "")
         hint = snippet
     else:
         summary = (f"the configured transform ({cfg.formula()}) gives latents of std {std:.3g}, mean {mean:.3g} on "
