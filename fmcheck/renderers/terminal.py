@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.markdown import Markdown
 from rich.status import Status
 from rich.table import Table
 from rich.text import Text
@@ -49,4 +48,6 @@ def check_list(registry: Any, console: Console) -> None:
 
 
 def markdown(text: str, console: Console) -> None:
+    from rich.markdown import Markdown  # markdown-it only for `explain`: `list` stays light
+
     console.print(Markdown(text))
