@@ -195,8 +195,8 @@ def _command(only_id: Optional[str]) -> Callable[..., None]:
     ) -> None:
         selected = [only_id] if only_id else _ids(only)
         _execute(module, only=selected, skip=_ids(skip), json_path=json_path, junit=junit, debug=debug,
-                 verbose=verbose, config=config, overrides=set_, device=device, seed=seed, strict=strict or None, samples=samples,
-                 max_steps=max_steps, time_budget=time_budget, timeout=timeout, plot_dir=plot)
+                 verbose=verbose, config=config, overrides=set_, device=device, seed=seed, strict=strict or None,
+                 samples=samples, max_steps=max_steps, time_budget=time_budget, timeout=timeout, plot_dir=plot)
 
     if only_id is not None:  # --only/--skip make no sense for a single check: hide them
         command.__signature__ = _without(command, ("only", "skip"))  # type: ignore[attr-defined]
