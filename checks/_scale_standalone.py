@@ -312,7 +312,7 @@ def judge(obs: dict[str, Any], config: dict[str, Any], thresholds: Any, images: 
     verdict = Verdict.worst(m.verdict for m in measurements)
     if findings:
         findings.sort(key=lambda f: -f[0].severity)
-        summary = findings[0][1] + (f" (+{len(findings) - 1} more below)" if len(findings) > 1 else "")
+        summary = findings[0][1] + (f" (+{len(findings) - 1} more findings)" if len(findings) > 1 else "")
         hint = snippet
     else:
         summary = (f"the configured transform ({cfg.formula()}) gives latents of std {std:.3g}, mean {mean:.3g} on "
@@ -344,7 +344,9 @@ def run(vae_spec: str, *, images: Optional[str], resolution: Optional[int], sett
 
     from fmcheck import _version
     from fmcheck.config import thresholds_for
+    from fmcheck.isolate import capture, describe
     from fmcheck.report import Report, exit_code_for, overall_verdict
+    from fmcheck.runner import error_result
 
     from .scale import ScaleCheck
 
@@ -360,9 +362,17 @@ def run(vae_spec: str, *, images: Optional[str], resolution: Optional[int], sett
     channels = int(config.get("in_channels") or getattr(vae.config, "in_channels", 3))
     pixels, source = load_images(images, channels, side)
     torch.manual_seed(settings.seed)
-    obs = measure(vae, pixels)
-    result = judge(obs, dict(vae.config), thresholds, len(pixels), source)
-    result.duration_s = time.perf_counter() - started
+    # The VAE's own code runs here: a crash in it is an ERROR row, as in any check the runner isolates.
+    measured = capture(measure, vae, pixels)
+    judged = capture(judge, measured.value, dict(vae.config), thresholds, len(pixels), source) if measured.ok \
+        else measured
+    if judged.ok:
+        result = judged.value
+        result.duration_s = time.perf_counter() - started
+    else:
+        result = error_result(ScaleCheck, judged.exc, settings.debug, time.perf_counter() - started)
+        if measured.ok:
+            result.summary = f"judging failed: {describe(judged.exc)}"
     if settings.strict and result.verdict is Verdict.WARN:
         result = result.model_copy(update={"verdict": Verdict.FAIL, "summary": f"{result.summary} [warn, --strict]"})
     results = [result]

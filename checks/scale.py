@@ -610,7 +610,7 @@ class _Judge:
             hint = ". Also: ".join(dict.fromkeys(hints)) + "." if hints else None
             others = len(self.findings) - 1
             if others:
-                summary += f" (+{others} more below)"
+                summary += f" (+{others} more findings)"  # listed in the fix and the measurements
             if self.ident.indistinguishable:
                 summary += f"; {self._blind_spot_text()}"
         else:

@@ -53,7 +53,12 @@ def run(pipeline: PipelineLike, checks: Optional[Iterable[str]] = None, *, skip:
 
     settings, origins = _settings(options, config, overrides)
     name = pipeline if isinstance(pipeline, str) else None
-    return run_checks(_pipeline(pipeline), settings, only=checks, skip=skip, origins=origins, pipeline_name=name)
+    report = run_checks(_pipeline(pipeline), settings, only=checks, skip=skip, origins=origins, pipeline_name=name)
+    if settings.plot_dir:  # plot_dir="figures/": drawn after the run, recorded on each result (checks[].plots)
+        from .renderers.plots import write_plots
+
+        write_plots(report, settings.plot_dir)
+    return report
 
 
 def preflight(pipeline: PipelineLike, checks: Optional[Iterable[str]] = None, **options: Any) -> Report:

@@ -40,6 +40,9 @@ BudgetOpt = Annotated[Optional[float], typer.Option("--time-budget", help="Overf
 TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Per-check time limit, seconds.")]
 PlotOpt = Annotated[Optional[str], typer.Option("--plot", help="Write plots (PNG) to DIR.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Full tracebacks.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also every measurement with its note, the "
+                                                                  "curves and the tracebacks (the JSON report always "
+                                                                  "has them; --debug implies it).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a threshold: CHECK.NAME=VALUE "
                                                                    "(repeatable).")]
 IdsOpt = Annotated[Optional[list[str]], typer.Option(help="Check ids, comma-separated or repeated.")]
@@ -50,32 +53,27 @@ def _ids(values: Optional[list[str]]) -> list[str]:
 
 
 def _fail_usage(exc: BaseException, debug: bool) -> "typer.Exit":
-    from rich.console import Console
-    from rich.text import Text
+    from .renderers.terminal import usage_error
 
-    console = Console(stderr=True)
-    if debug:
-        console.print_exception()
     message = str(exc)
     if message.startswith("fmcheck "):  # "fmcheck init: ..." would read "fmcheck: error: fmcheck init: ..."
         message = message[len("fmcheck "):]
-    # The message is the user's text (paths, [table] names): never read as markup.
-    console.print(Text.assemble(("fmcheck: error: ", "bold red"), message), highlight=False, soft_wrap=True)
+    usage_error(message, debug)
     return typer.Exit(int(ExitCode.USAGE))
 
 
 def _execute(module: str, *, only: list[str], skip: list[str], json_path: Optional[str], junit: Optional[Path],
-             debug: bool, config: Optional[str], overrides: Optional[list[str]], **cli_settings: Any) -> None:
-    from rich.console import Console
-
+             debug: bool, verbose: bool, config: Optional[str], overrides: Optional[list[str]],
+             **cli_settings: Any) -> None:
     from . import distributed
     from .config import load_settings
     from .contract import load_pipeline
     from .isolate import capture
     from .renderers.console import ProgressDisplay, render
+    from .renderers.terminal import make_console, plain
     from .runner import run
 
-    human = Console(stderr=json_path == "-")
+    human = make_console(stderr=json_path == "-")
     rank = None
     try:
         _check_outputs(json_path, junit)
@@ -93,7 +91,8 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
                          pipeline_name=module, rank=rank)
         unwritten = None
         if rank is None or rank.is_main:  # rank 0 alone renders and writes; every rank exits alike
-            render(report, human)
+            _write_plots(report, settings.plot_dir)
+            render(report, human, verbose=verbose or debug, shown=progress.shown)  # --debug: tracebacks too
             unwritten = _write_reports(report, json_path, junit, debug)
         # The other ranks wait for those files: one that exits non-zero first has torchrun kill rank 0 mid-write.
         distributed.barrier(rank)
@@ -104,14 +103,19 @@ def _execute(module: str, *, only: list[str], skip: list[str], json_path: Option
             raise typer.Exit(int(ExitCode.USAGE)) from None
         raise _fail_usage(exc, debug) from None
     except KeyboardInterrupt:  # during the import, build() or the first step: no check ran, so no report
-        from rich.text import Text
-
-        human.print(Text("fmcheck: interrupted (Ctrl-C) before any check ran; nothing was checked, no report "
-                         "written"), highlight=False, soft_wrap=True)
+        plain(human, "fmcheck: interrupted (Ctrl-C) before any check ran; nothing was checked, no report written")
         raise typer.Exit(130) from None
     finally:
         distributed.teardown(rank)
     raise typer.Exit(report.exit_code)
+
+
+def _write_plots(report: Any, directory: Optional[str]) -> None:
+    """--plot DIR: the figures of the report's data, recorded on each result (checks[].plots) before any rendering."""
+    if directory:
+        from .renderers.plots import write_plots
+
+        write_plots(report, directory)
 
 
 def _check_outputs(json_path: Optional[str], junit: Optional[Path]) -> None:
@@ -183,6 +187,7 @@ def _command(only_id: Optional[str]) -> Callable[..., None]:
         timeout: TimeoutOpt = None,
         plot: PlotOpt = None,
         debug: DebugOpt = False,
+        verbose: VerboseOpt = False,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a threshold: CHECK.NAME=VALUE "
                                                                         "(repeatable).")] = None,
         only: IdsOpt = None,
@@ -190,8 +195,8 @@ def _command(only_id: Optional[str]) -> Callable[..., None]:
     ) -> None:
         selected = [only_id] if only_id else _ids(only)
         _execute(module, only=selected, skip=_ids(skip), json_path=json_path, junit=junit, debug=debug,
-                 config=config, overrides=set_, device=device, seed=seed, strict=strict or None, samples=samples,
-                 max_steps=max_steps, time_budget=time_budget, timeout=timeout, plot_dir=plot)
+                 verbose=verbose, config=config, overrides=set_, device=device, seed=seed, strict=strict or None,
+                 samples=samples, max_steps=max_steps, time_budget=time_budget, timeout=timeout, plot_dir=plot)
 
     if only_id is not None:  # --only/--skip make no sense for a single check: hide them
         command.__signature__ = _without(command, ("only", "skip"))  # type: ignore[attr-defined]
@@ -268,30 +273,29 @@ def _scale_command() -> Callable[..., None]:
 
 
 def _execute_scale_vae(vae: str, *, images: Optional[str], resolution: Optional[int], json_path: Optional[str],
-                       junit: Optional[Path], debug: bool, config: Optional[str], set_: Optional[list[str]],
-                       device: Optional[str], seed: Optional[int], strict: bool, **_: Any) -> None:
-    from rich.console import Console
-    from rich.text import Text
-
+                       junit: Optional[Path], debug: bool, verbose: bool, config: Optional[str],
+                       set_: Optional[list[str]], device: Optional[str], seed: Optional[int], strict: bool,
+                       **_: Any) -> None:
     from .config import load_settings
     from .renderers.console import render
+    from .renderers.terminal import make_console, plain, status
 
-    human = Console(stderr=json_path == "-")
+    human = make_console(stderr=json_path == "-")
     try:
         _check_outputs(json_path, junit)
         settings, origins = load_settings({"device": device, "seed": seed, "strict": strict or None, "debug": debug},
                                           config, set_)
         from .checks import _scale_standalone  # lazily: diffusers, PIL and scikit-learn only when used
 
-        with human.status(f"scale --vae {vae}: loading and encoding"):
+        with status(human, f"scale --vae {vae}: loading and encoding"):
             report = _scale_standalone.run(vae, images=images, resolution=resolution, settings=settings,
                                            origins=origins)
     except UsageError as exc:
         raise _fail_usage(exc, debug) from None
-    render(report, human)
+    render(report, human, verbose=verbose or debug)
     snippet = report.checks[0].details.get("config_snippet") if report.checks else None
     if snippet and report.checks[0].hint != snippet:  # a non-PASS result already shows it as its fix
-        human.print(Text(snippet), highlight=False, soft_wrap=True)
+        plain(human, snippet)
     unwritten = _write_reports(report, json_path, junit, debug)
     if unwritten is not None:
         raise unwritten
@@ -307,36 +311,24 @@ for _check_id, _target in _builtin_ids():
 
 @app.command("list", help="Every registered check, built-in and plugin, with its one-line purpose.")
 def list_checks() -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     from .registry import discover
+    from .renderers.terminal import check_list, make_console
 
-    registry = discover()
-    table = Table(title="fmcheck checks", title_justify="left")
-    for column in ("id", "title", "purpose", "from"):
-        table.add_column(column)
-    for cls in registry.ordered():
-        table.add_row(cls.id, cls.title, cls.purpose, registry.sources[cls.id])
-    for failure in registry.failures:
-        table.add_row(failure.name, "[magenta]not loaded[/]", failure.reason, failure.distribution)
-    Console().print(table)
+    check_list(discover(), make_console())
 
 
 @app.command("explain", help="What a check measures, why, its thresholds, typical causes and fixes.")
 def explain(check_id: Annotated[str, typer.Argument(help="A check id from `fmcheck list`.")]) -> None:
-    from rich.console import Console
-    from rich.markdown import Markdown
-
     from .docs import check_markdown
     from .registry import discover
+    from .renderers.terminal import make_console, markdown
 
     registry = discover()
     cls = registry.get(check_id)
     if cls is None:
         raise _fail_usage(UsageError(f"unknown check id '{check_id}' (known: {', '.join(sorted(registry.checks))})"),
                           False)
-    Console().print(Markdown(check_markdown(cls)))
+    markdown(check_markdown(cls), make_console())
 
 
 @app.command("init", help="Write a commented adapter template (build() around your training step). Never overwrites.")
@@ -360,18 +352,17 @@ def compare(
     = 0.01,
     show_all: Annotated[bool, typer.Option("--all", help="Show identical fields too.")] = False,
 ) -> None:
-    from rich.console import Console
-
     from .fingerprint import compare as compare_fingerprints
     from .fingerprint import load_fingerprint
     from .renderers.compare import render_comparison
+    from .renderers.terminal import make_console
 
     try:
         first, second = load_fingerprint(report_a), load_fingerprint(report_b)
     except UsageError as exc:
         raise _fail_usage(exc, False) from None
     comparison = compare_fingerprints(first, second, rtol=rtol)
-    render_comparison(comparison, str(report_a), str(report_b), Console(), show_all=show_all)
+    render_comparison(comparison, str(report_a), str(report_b), make_console(), show_all=show_all)
     raise typer.Exit(int(ExitCode.OK) if comparison.comparable else int(ExitCode.FAILED))
 
 

@@ -77,7 +77,9 @@ def _missing_needs(check: type[Check], pipeline: Pipeline, ctx: Context) -> Opti
     return None
 
 
-def _error_result(check: type[Check], exc: BaseException, debug: bool, duration: float) -> CheckResult:
+def error_result(check: type[Check], exc: BaseException, debug: bool, duration: float) -> CheckResult:
+    """The ERROR row for an exception a check raised: one line and a fix; the traceback (short, or full with
+    --debug) is kept in ``error`` for the verbose report and the JSON."""
     import torch
 
     if isinstance(exc, CheckTimeout):
@@ -147,7 +149,7 @@ def _left_behind(result: CheckResult, left: list[str]) -> CheckResult:
 def _result(check: type[Check], thresholds: Any, reason_outcome: Any, measured: Any, debug: bool,
             duration: float) -> CheckResult:
     if not reason_outcome.ok:
-        return _error_result(check, reason_outcome.exc, debug, duration)
+        return error_result(check, reason_outcome.exc, debug, duration)
     if reason_outcome.value is not None:
         return CheckResult(id=check.id, title=check.title, verdict=Verdict.SKIP,
                            summary=f"skipped: {reason_outcome.value}", duration_s=duration)
@@ -156,10 +158,10 @@ def _result(check: type[Check], thresholds: Any, reason_outcome: Any, measured: 
         return CheckResult(id=check.id, title=check.title, verdict=Verdict.SKIP,
                            summary=f"skipped: {measured.exc}", duration_s=duration)
     if not measured.ok:
-        return _error_result(check, measured.exc, debug, duration)
+        return error_result(check, measured.exc, debug, duration)
     judged = capture(check().judge, measured.value, thresholds)
     if not judged.ok:
-        result = _error_result(check, judged.exc, debug, duration)
+        result = error_result(check, judged.exc, debug, duration)
         result.summary = f"judging failed: {describe(judged.exc)}"
         return result
     judgement: Judgement = judged.value
@@ -245,7 +247,9 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
         skip: Optional[Iterable[str]] = None, registry: Optional[Registry] = None,
         listener: Optional[Listener] = None, origins: Optional[dict[str, str]] = None,
         pipeline_name: Optional[str] = None, rank: Any = None) -> Report:
-    """Run the selected checks against ``pipeline`` and return the report. Raises UsageError when nothing can run."""
+    """Run the selected checks against ``pipeline`` and return the report. Raises UsageError when nothing can run.
+
+    The report is data: the caller renders it (console, JSON, JUnit) and draws its figures (``--plot``)."""
     settings = settings or Settings()
     registry = registry if registry is not None else discover()
     listener = listener or Listener()
@@ -326,15 +330,12 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
         from .distributed import all_gather, merge
 
         report = merge(all_gather(report))
-    if settings.plot_dir and (rank is None or rank.is_main):
-        from .renderers.plots import write_plots
-
-        write_plots(report, settings.plot_dir)
     return report
 
 
 def _check_plot_dir(directory: str) -> None:
-    """Refuse a --plot DIR that cannot become a folder before anything runs, not after a long run."""
+    """Refuse a --plot DIR that cannot become a folder before anything runs, not after a long run (the caller draws
+    the figures into it after the run)."""
     from pathlib import Path
 
     path = Path(directory)

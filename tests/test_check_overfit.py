@@ -551,12 +551,16 @@ def test_the_console_report_draws_the_curves(passing_run):
     from fmcheck.report import Report, Environment
 
     result, _ = passing_run
+    report = Report(fmcheck_version="x", verdict=result.verdict, exit_code=0, environment=Environment(python="3"),
+                    checks=[result])
     console = Console(record=True, width=160)
-    render(Report(fmcheck_version="x", verdict=result.verdict, exit_code=0, environment=Environment(python="3"),
-                  checks=[result]), console)
+    render(report, console, verbose=True)
     text = console.export_text()
-    assert "overfit curves" in text and "cos" in text
+    assert "╭─ overfit PASS" in text and "cos" in text
     assert sparkline(result.details["curves"]["cos"]) in text
+    quiet = Console(record=True, width=160)
+    render(report, quiet)  # the curves are details: --verbose only
+    assert sparkline(result.details["curves"]["cos"]) not in quiet.export_text()
     assert sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█" and sparkline([1.0, math.nan]) == "▁·"
 
 

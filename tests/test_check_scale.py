@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -675,6 +676,30 @@ def test_cli_scale_vae_json_junit_and_snippet(vae_folder, image_folder, tmp_path
     assert 'testcase' in junit.read_text() and 'name="scale"' in junit.read_text()
     inapplicable = CliRunner().invoke(app, ["scale", "--vae", str(vae_folder), "--samples", "3"])
     assert inapplicable.exit_code == 2 and "--samples apply to --module runs only" in inapplicable.output
+
+
+def test_cli_scale_vae_whose_encode_raises_is_an_error_row_without_traceback(vae_folder, image_folder, tmp_path,
+                                                                              monkeypatch):
+    # The VAE's own code runs isolated, as a check under the runner does: ERROR, exit 3, one line and a fix.
+    from diffusers import AutoencoderKL
+    from typer.testing import CliRunner
+
+    from fmcheck.cli import app
+
+    def encode(self, *args, **kwargs):
+        raise RuntimeError("encoder exploded")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", encode)
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "report.json"
+    result = CliRunner().invoke(app, ["scale", "--vae", str(vae_folder), "--images", str(image_folder), "--json",
+                                      str(path)], catch_exceptions=False)
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    assert re.search(r"ERROR +scale +check crashed: RuntimeError: encoder exploded", result.output), result.output
+    assert "fix: rerun with --debug" in result.output
+    check_result = json.loads(path.read_text())["checks"][0]
+    assert check_result["verdict"] == "error" and "encoder exploded" in check_result["error"]  # the JSON keeps it
 
 
 def test_check_doc_renders():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from fmcheck import api_run
 from fmcheck.api import Check, CheckDoc, Judgement
 from fmcheck.config import Settings
 from fmcheck.contract import coerce
@@ -27,8 +28,9 @@ needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is 
 
 
 def _run(directory=None, only=("norms", "target"), **options) -> Report:
-    settings = Settings(plot_dir=str(directory) if directory else None)
-    return run(coerce(fm_variants.build(**options)), settings, only=list(only))
+    """Through the Python API, which draws the figures after the run (the runner itself only returns data)."""
+    return api_run.run(coerce(fm_variants.build(**options)), list(only),
+                       plot_dir=str(directory) if directory else None)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +145,9 @@ def test_a_plugin_check_with_curves_gets_a_figure(tmp_path, tiny_pipeline):
     registry.add(Curves, name=Curves.id, target="tests:Curves", distribution="tests")
     report = run(tiny_pipeline, Settings(plot_dir=str(tmp_path)), registry=registry)
     assert report.check("t_curves").verdict is Verdict.PASS, report.check("t_curves").summary
+    # the runner returns data and draws nothing; the caller (CLI, API) hands the report to the plot renderer
+    assert report.check("t_curves").plots == [] and not (tmp_path / "t_curves.png").exists()
+    assert plots.write_plots(report, str(tmp_path)) == [str(tmp_path / "t_curves.png")]
     assert report.check("t_curves").plots == [str(tmp_path / "t_curves.png")]
     assert (tmp_path / "t_curves.png").read_bytes()[:4] == PNG
 
@@ -157,10 +162,14 @@ def test_a_result_without_figure_data_gets_no_plot(tmp_path):
 
 @needs_matplotlib
 def test_the_cli_lists_the_files(tmp_path):
-    result = run_cli("norms", "--module", "fm_variants:build", "--plot", str(tmp_path / "out"))
+    result = run_cli("norms", "--module", "fm_variants:build", "--plot", str(tmp_path / "out"), "--json",
+                     str(tmp_path / "report.json"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "plots" in result.stdout and "norms-latents.png" in result.stdout
     assert (tmp_path / "out" / "norms-latents.png").read_bytes()[:4] == PNG
+    # drawn before the reports are written: the JSON lists the file too
+    written = json.loads((tmp_path / "report.json").read_text())["checks"][0]["plots"]
+    assert written == [str(tmp_path / "out" / "norms-latents.png")]
 
 
 def test_latent_statistics_batch_by_batch_equal_the_pooled_ones_for_video_and_token_latents():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
+from typing import Iterable, Optional
 
 from rich.console import Console, Group
 from rich.panel import Panel
@@ -48,25 +48,6 @@ def format_value(value: object, expected: str = "") -> str:
 
 def _measurement_line(m: Measurement) -> str:
     return f"{m.name} {format_value(m.value, m.expected)}{(' ' + m.unit) if m.unit else ''}"
-
-
-def headline(result: CheckResult, count: int = 3) -> str:
-    """The numbers that decided the verdict first, then the first others."""
-    decisive = [m for m in result.measurements if m.verdict in (Verdict.WARN, Verdict.FAIL, Verdict.ERROR)]
-    rest = [m for m in result.measurements if m not in decisive]
-    return "\n".join(_measurement_line(m) for m in (decisive + rest)[:count])
-
-
-def summary_table(report: Report) -> Table:
-    table = Table(title=f"fmcheck {report.fmcheck_version} — {report.pipeline or 'pipeline'}", title_justify="left",
-                  expand=False, show_lines=True)
-    table.add_column("check", style="bold")
-    table.add_column("verdict")
-    table.add_column("numbers")
-    table.add_column("diagnosis", ratio=1)
-    for result in report.checks:
-        table.add_row(result.id, verdict_text(result.verdict), headline(result), result.summary)
-    return table
 
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -124,8 +105,10 @@ def _observed_cell(m: Measurement) -> Text:
 
 
 def details(result: CheckResult) -> Panel:
+    """Everything measured for one check (``--verbose``): each measurement with its note, the traceback of an ERROR,
+    the curves. The summary and the fix are not repeated here: the check's row and the list of fixes carry them."""
     # The title is short (id and verdict): a summary in the title is cut mid-sentence at the panel's width.
-    parts: list = [Text(result.summary)] if result.summary else []
+    parts: list = []
     if result.measurements:
         table = Table(show_edge=False, box=None, pad_edge=False)
         for column in ("measurement", "observed", "expected", "verdict"):
@@ -133,8 +116,6 @@ def details(result: CheckResult) -> Panel:
         for m in result.measurements:
             table.add_row(_name_cell(m), _observed_cell(m), m.expected, verdict_text(m.verdict))
         parts.append(table)
-    if result.hint:
-        parts.append(Text.assemble(("fix: ", "bold"), result.hint))
     if result.error:
         parts.append(Text(result.error, style="dim"))
     parts.extend(curve_lines(result))
@@ -143,15 +124,85 @@ def details(result: CheckResult) -> Panel:
                  border_style=STYLE[result.verdict].replace("bold ", ""))
 
 
-def render(report: Report, console: Console) -> None:
-    console.print(summary_table(report))
-    for result in report.checks:
-        if result.verdict not in (Verdict.PASS, Verdict.SKIP):
-            console.print(details(result))
-        elif result.verdict is Verdict.PASS and curve_lines(result):  # a passing check's curves, without a panel
-            console.print(Text.assemble((f"{result.id} curves", "bold")))
-            for line in curve_lines(result):
-                console.print(line)
+def _has_details(result: CheckResult) -> bool:
+    return bool(result.measurements or result.error or curve_lines(result))
+
+
+# Verdict order of the list of fixes: what fails the run first.
+_URGENCY = (Verdict.FAIL, Verdict.ERROR, Verdict.WARN)
+
+
+def decisive(result: CheckResult) -> list[Measurement]:
+    """The judged measurements that did not pass, worst first (the check's own order within a verdict)."""
+    bad = [m for m in result.measurements if m.verdict in _URGENCY]
+    return sorted(bad, key=lambda m: _URGENCY.index(m.verdict))
+
+
+def against_bound(m: Measurement) -> str:
+    """``name value unit, expected BOUND``: the number next to the bound it broke."""
+    return _measurement_line(m) + (f", expected {m.expected}" if m.expected else "")
+
+
+def fixes(report: Report, id_width: int = 0) -> Optional[Table]:
+    """One entry per check that did not pass, FAIL then ERROR then WARN: verdict, id, the decisive number against
+    its bound, then ``fix: <hint>``. The summary is not here: the check's row says it."""
+    pending = [r for v in _URGENCY for r in report.checks if r.verdict is v]
+    if not pending:
+        return None
+    grid = _grid(id_width or max(len(r.id) for r in pending))
+    for result in pending:
+        bad = decisive(result)
+        first = against_bound(bad[0]) + (f" (+{len(bad) - 1} more, --verbose)" if len(bad) > 1 else "") \
+            if bad else ""
+        hint = Text.assemble(("fix: ", "bold"), result.hint) if result.hint else None
+        if first:
+            grid.add_row(verdict_text(result.verdict), result.id, first)
+            if hint is not None:
+                grid.add_row("", "", hint)
+        else:
+            grid.add_row(verdict_text(result.verdict), result.id, hint or "")
+    return grid
+
+
+def _grid(id_width: int) -> Table:
+    """Three columns: verdict, check id, text; text wraps under itself, so a continuation line is indented instead
+    of starting at column 0 like a log line of its own."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, min_width=5)
+    grid.add_column(no_wrap=True, style="bold", min_width=id_width)
+    grid.add_column()  # no ratio: a short row is not padded to the console's width with trailing spaces
+    return grid
+
+
+def rows(results: list[CheckResult], id_width: int = 0) -> Table:
+    """The compact per-check table: one row per check (verdict, id, summary), the summary wrapped in its column."""
+    grid = _grid(id_width or max((len(r.id) for r in results), default=0))
+    for result in results:
+        grid.add_row(verdict_text(result.verdict), result.id, result.summary)
+    return grid
+
+
+def render(report: Report, console: Console, *, verbose: bool = False, shown: Iterable[CheckResult] = ()) -> None:
+    """The report after the run, in reading order: what to fix, then the per-check rows, then (``verbose``) every
+    measurement and curve, then plots and the final verdict line.
+
+    ``shown`` are the rows the live display already printed, word for word: they are not printed again (under
+    torchrun the merged rows differ from the rank's live lines, so they are printed)."""
+    already = {(r.id, r.verdict, r.summary) for r in shown}
+    width = max((len(r.id) for r in report.checks), default=0)
+    to_fix = fixes(report, width)
+    if to_fix is not None:
+        console.print(to_fix)
+        console.print()
+    rest = [r for r in report.checks if (r.id, r.verdict, r.summary) not in already]
+    if rest:
+        console.print(Text.assemble((f"fmcheck {report.fmcheck_version}", "bold"),
+                                    f" — {report.pipeline or 'pipeline'}"), highlight=False)
+        console.print(rows(rest, width))
+    if verbose:
+        for result in report.checks:
+            if _has_details(result):
+                console.print(details(result))
     counts = ", ".join(
         f"{sum(1 for c in report.checks if c.verdict is v)} {v.value}" for v in Verdict
         if any(c.verdict is v for c in report.checks)
@@ -170,7 +221,10 @@ def render(report: Report, console: Console) -> None:
 
 
 class ProgressDisplay:
-    """A run listener that shows one line per running check, with live fields (loss, cos) when a check reports them."""
+    """A run listener that shows one line per running check, with live fields (loss, cos) when a check reports them.
+
+    When a check finishes, its row (verdict, id, summary) is printed for good, in a terminal and in a pipe alike:
+    those lines are the per-check table, so :func:`render` is given :attr:`shown` and does not print them again."""
 
     def __init__(self, console: Console, enabled: bool = True):
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
@@ -179,6 +233,9 @@ class ProgressDisplay:
         self.enabled = enabled
         self.task: Optional[int] = None
         self.rank: Optional[tuple[int, int]] = None
+        self.id_width = 0
+        # The rows printed as final: under torchrun a live line is one rank's result, not the merged row.
+        self.shown: list[CheckResult] = []
 
     def __enter__(self) -> "ProgressDisplay":
         self.progress.start()
@@ -189,6 +246,7 @@ class ProgressDisplay:
 
     def run_started(self, checks) -> None:
         self.rank = process_rank()
+        self.id_width = max((len(c.id) for c in checks), default=0)
         if self.enabled and self.rank is not None:
             rank, world = self.rank
             self.progress.console.print(Text(f"live lines: rank {rank}'s own results; the table at the end merges "
@@ -207,20 +265,17 @@ class ProgressDisplay:
             self.progress.remove_task(self.task)
             self.task = None
         if self.enabled:
-            self.progress.console.print(live_line(result, self.rank))
+            self.progress.console.print(live_line(result, self.rank, self.id_width))
+            if self.rank is None:
+                self.shown.append(result)
 
 
-def live_line(result: CheckResult, rank: Optional[tuple[int, int]] = None) -> Table:
-    """``VERDICT id  summary``, the summary wrapped in its own column: in a piped log a continuation line is indented
-    under the summary instead of starting at column 0 like a log line of its own. Under torchrun the line is labelled
-    with the rank it comes from: it is that rank's verdict, before the merge."""
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(no_wrap=True)
-    grid.add_column(no_wrap=True, style="bold")
-    grid.add_column(ratio=1)
+def live_line(result: CheckResult, rank: Optional[tuple[int, int]] = None, id_width: int = 0) -> Table:
+    """``VERDICT id  summary``: the check's row, printed as it finishes (the summary wraps in its own column, so in a
+    piped log a continuation line is indented under it). Under torchrun the line is labelled with the rank it comes
+    from: it is that rank's verdict, before the merge."""
     label = result.id if rank is None else f"{result.id} (rank {rank[0]})"
-    grid.add_row(verdict_text(result.verdict), label, result.summary)
-    return grid
+    return rows([result.model_copy(update={"id": label})], id_width)
 
 
 def process_rank() -> Optional[tuple[int, int]]:

@@ -1,0 +1,53 @@
+"""What the command line prints besides the report: its consoles, a usage error, the list of checks, a check's doc.
+
+The CLI calls these and never imports rich itself (tests/test_layering.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.status import Status
+from rich.table import Table
+from rich.text import Text
+
+
+def make_console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr)
+
+
+def usage_error(message: str, debug: bool) -> None:
+    """``fmcheck: error: <message>`` on stderr (one line, the user's text never read as markup); with ``debug``,
+    the traceback of the exception being handled first."""
+    console = Console(stderr=True)
+    if debug:
+        console.print_exception()
+    console.print(Text.assemble(("fmcheck: error: ", "bold red"), message), highlight=False, soft_wrap=True)
+
+
+def plain(console: Console, text: str) -> None:
+    """A line of text as it is: not markup, not highlighted, not wrapped."""
+    console.print(Text(text), highlight=False, soft_wrap=True)
+
+
+def status(console: Console, text: str) -> Status:
+    """A spinner with ``text`` while a step without progress of its own runs (a context manager)."""
+    return console.status(text)
+
+
+def check_list(registry: Any, console: Console) -> None:
+    """`fmcheck list`: every registered check, and every plugin that failed to load, with where it comes from."""
+    table = Table(title="fmcheck checks", title_justify="left")
+    for column in ("id", "title", "purpose", "from"):
+        table.add_column(column)
+    for cls in registry.ordered():
+        table.add_row(cls.id, cls.title, cls.purpose, registry.sources[cls.id])
+    for failure in registry.failures:
+        table.add_row(failure.name, Text("not loaded", style="magenta"), failure.reason, failure.distribution)
+    console.print(table)
+
+
+def markdown(text: str, console: Console) -> None:
+    from rich.markdown import Markdown  # markdown-it only for `explain`: `list` stays light
+
+    console.print(Markdown(text))

@@ -1,0 +1,106 @@
+"""The console report leads with what to fix: the rows of the checks (printed live as each finishes), then for each
+check that did not pass its decisive number against its bound and the fix, then, with --verbose only, every
+measurement; the verdict line last. Nothing is printed twice."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+from rich.console import Console
+
+from conftest import ROOT, run_cli
+from fmcheck.judges import at_most, info
+from fmcheck.renderers.console import render
+from fmcheck.report import CheckResult, Environment, Report
+from fmcheck.verdict import Verdict
+
+SEED = "fixtures.bugs.scale_seed_unsampled_unscaled:build"
+
+
+def _flat(text: str) -> str:
+    """The text with its wrapping undone: a wrapped line continues, indented, on the next."""
+    return " ".join(text.split())
+
+
+def test_the_seed_bug_shows_its_fixes_on_the_first_screen(tmp_path):
+    report_path = tmp_path / "report.json"
+    done = run_cli("all", "--module", SEED, "--skip", "overfit", "--json", str(report_path), cwd=ROOT,
+                   env={"COLUMNS": "80"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    first_screen = lines[:25]
+    fix_at = next(i for i, line in enumerate(lines) if "fix: " in line)
+    assert fix_at < 25, done.stdout
+    # both failing checks, with the number that failed each against its bound, and a fix
+    assert any(re.match(r"FAIL +scale +z1 transform missing, expected once", line) for line in first_screen)
+    assert any(re.match(r"FAIL +norms +E\|\|x1\|\| / E\|\|x0\|\| 5\.5\d* x, expected 0\.5\.\.2", line)
+               for line in first_screen), done.stdout
+    assert sum("fix: " in line for line in first_screen) == 2
+    assert lines[-1].startswith("verdict FAIL") and "exit code 1" in lines[-1]
+    # nothing twice: each check's summary and each fix is printed once, whole
+    report = json.loads(report_path.read_text())
+    flat = _flat(done.stdout)
+    for check in report["checks"]:
+        assert flat.count(_flat(check["summary"])) == 1, check["id"]
+        if check["hint"]:
+            assert flat.count(_flat(check["hint"])) == 1, check["id"]
+    # the details are not on the console by default, and the JSON keeps them
+    norms = next(c for c in report["checks"] if c["id"] == "norms")
+    assert any(m["name"] == "per-dim RMS x0" for m in norms["measurements"])
+    assert "per-dim RMS x0" not in done.stdout
+
+
+def test_verbose_shows_every_measurement_and_its_note():
+    quiet = run_cli("norms", "--module", SEED, cwd=ROOT, env={"COLUMNS": "80"})
+    loud = run_cli("norms", "--module", SEED, "--verbose", cwd=ROOT, env={"COLUMNS": "80"})
+    assert quiet.returncode == loud.returncode == 1, loud.stdout + loud.stderr
+    for detail in ("per-dim RMS x0", "a unit-variance latent has ~1", "x1 channel std spread (max/min)"):
+        assert detail in loud.stdout and detail not in quiet.stdout
+    assert "╭─ norms FAIL" in loud.stdout and "╭" not in quiet.stdout
+    for out in (quiet.stdout, loud.stdout):  # the details add numbers, never a second copy of the words
+        flat = _flat(out)
+        assert flat.count("is dominated by it") == 1 and flat.count("Fix the scale at its source") == 1
+        assert out.splitlines()[-1].startswith("verdict FAIL")
+
+
+def _report() -> Report:
+    checks = [CheckResult(id="norms", verdict=Verdict.WARN, summary="x1 is 2.5x larger",
+                          measurements=[info("E||x0||", 16.0), at_most("ratio", 2.5, warn=2.0, fail=3.0)],
+                          hint="scale x1"),
+              CheckResult(id="scale", verdict=Verdict.FAIL, summary="applied twice",
+                          measurements=[at_most("z1 std", 0.03, warn=None, fail=0.01)], hint="apply it once"),
+              CheckResult(id="kl", verdict=Verdict.PASS, summary="bounded")]
+    return Report(fmcheck_version="x", verdict=Verdict.FAIL, exit_code=1, environment=Environment(python="3"),
+                  pipeline="mytrain:build", checks=checks)
+
+
+def _render(report: Report, **options) -> str:
+    out = io.StringIO()
+    render(report, Console(file=out, width=80, color_system=None), **options)
+    return out.getvalue()
+
+
+def test_fixes_come_in_verdict_order_then_the_rows():
+    lines = _render(_report()).splitlines()
+    assert re.match(r"FAIL +scale +z1 std 0\.03, expected <= 0\.01$", lines[0].rstrip())
+    assert lines[1].strip() == "fix: apply it once"
+    assert re.match(r"WARN +norms +ratio 2\.5, expected <= 2$", lines[2].rstrip())
+    assert lines[3].strip() == "fix: scale x1"
+    title = lines.index("fmcheck x — mytrain:build")
+    assert [line.split()[:2] for line in lines[title + 1:title + 4]] == [["WARN", "norms"], ["FAIL", "scale"],
+                                                                       ["PASS", "kl"]]
+    assert lines[-1].startswith("verdict FAIL")
+
+
+def test_rows_the_live_display_printed_are_not_printed_again():
+    report = _report()
+    text = _render(report, shown=report.checks)
+    assert "applied twice" not in text and "bounded" not in text and "fmcheck x" not in text
+    assert "fix: apply it once" in text
+    # a row that changed after its live line (under torchrun, the merge of the ranks) is printed
+    merged = report.model_copy(deep=True)
+    merged.checks[2].summary = "rank 1 of 2 (rank 0 pass): unbounded"
+    text = _render(merged, shown=report.checks)
+    assert "rank 1 of 2" in text and "applied twice" not in text
