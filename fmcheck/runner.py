@@ -278,15 +278,12 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
         _place_modules(pipeline, device, moved)
         in_run = snapshot.rebound() if moved else snapshot  # moving re-creates buffers: restore into those meanwhile
         ctx = Context(pipeline, settings, device, listener, rank=rank, generators=snapshot.generators)
-        probed = capture(_probe, ctx, settings)
+        probed = capture(_probe, ctx, settings)  # (it raises usage errors only: the user's code runs captured)
         if not probed.ok and not isinstance(probed.exc, UsageError):
             raise probed.exc
-        if rank is not None:
-            from .distributed import agree_on_failure
+        from .distributed import agree_on_failure
 
-            agree_on_failure(rank, probed.exc)
-        elif not probed.ok:
-            raise probed.exc
+        agree_on_failure(rank, probed.exc)  # on every rank alike under torchrun
         in_run.tolerate_current_changes()  # what the user's own step does to its modules is not a check's doing
         in_run.restore()
 
