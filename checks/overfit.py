@@ -514,7 +514,9 @@ class OverfitCheck(Check):
                       "with the same weights and seeds (a generator fmcheck cannot reach, a stateful sampler or a re-pairing "
                       "such as minibatch OT)")
         measurements = [info("samples", samples, "samples",
-                             f"{obs['requested_samples']} requested, whole batches ({obs['batches']})"),
+                             f"{obs['requested_samples']} requested, whole batches ({obs['batches']})"
+                             if samples >= obs["requested_samples"] else
+                             f"all the data holds ({obs['batches']} batches); {obs['requested_samples']} requested"),
                         info("steps to verdict", at, "steps", f"of a budget of {obs['budget_steps']}"),
                         info("seconds to verdict", round(obs["timing"]["seconds_to_verdict"], 2), "s"),
                         info("randomness of the set", "replayed" if replayed else "fresh", "", randomness),
