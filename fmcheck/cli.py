@@ -119,7 +119,12 @@ def _write_plots(report: Any, directory: Optional[str]) -> None:
 
 
 def _check_outputs(json_path: Optional[str], junit: Optional[Path]) -> None:
-    """Refuse report paths that cannot be written before anything runs, not after a long run."""
+    """Refuse report paths that cannot be written before anything runs, not after a long run. Under torchrun only
+    global rank 0 writes, so only it tries the paths: two ranks probing one file would race."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
     for option, path in (("--json", json_path), ("--junit", junit)):
         if path is None or str(path) == "-":
             continue
@@ -133,7 +138,7 @@ def _check_outputs(json_path: Optional[str], junit: Optional[Path]) -> None:
         except OSError as exc:
             raise UsageError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
         if not existed:
-            target.unlink()
+            target.unlink(missing_ok=True)
 
 
 def _write_reports(report: Any, json_path: Optional[str], junit: Optional[Path],
