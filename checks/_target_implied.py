@@ -198,6 +198,31 @@ def locate(ctx, batch) -> tuple[Any, str, str]:
 SCATTER_POINTS = 512
 
 
+def compare_with_path(obs: dict[str, Any], target: Any, expected: Any, rows: Any, t_values: Any) -> bool:
+    """Per-sample cos and norm ratio of an implied target against the path velocity, over ``rows``: the medians,
+    the 5% quantile of cos and a thinned cos(t) curve go into ``obs``. False (and why, in ``obs``) when no sample
+    can be compared."""
+    import numpy as np
+    import torch
+
+    from . import _path_fit as pf
+
+    cos, ratio = pf.cosine_and_ratio(target[rows], expected[rows])
+    finite = torch.isfinite(cos) & torch.isfinite(ratio)
+    if not bool(finite.any()):
+        obs["compared"], obs["not_compared"] = False, "no sample with a positive weight and a non-zero velocity"
+        return False
+    cos_f, ratio_f = cos[finite], ratio[finite]
+    summary = torch.stack([cos_f.median(), ratio_f.median(), cos_f.quantile(0.05)]).cpu().tolist()
+    obs["compared"] = True
+    obs["cos_median"], obs["ratio_median"], obs["cos_p05"] = (float(x) for x in summary)
+    obs["cos_samples"] = [round(float(x), 5) for x in cos_f.cpu().tolist()]
+    t_rows = np.asarray(t_values)[rows.cpu().numpy()][finite.cpu().numpy()]
+    keep = _thin(len(obs["cos_samples"]))
+    obs["cos_curve"] = {"t": t_rows[keep].tolist(), "cos": np.asarray(obs["cos_samples"])[keep].tolist()}
+    return True
+
+
 def _thin(count: int) -> Any:
     import numpy as np
 
@@ -333,19 +358,8 @@ def measure_implied(ctx, path_fit: dict, t_scale: Optional[float]) -> dict[str, 
         expected = expected + (as_t(path_fit["noise_slope"](t_in)) * s_i)[:, None] * pf.flat(noise)
     target = target.to(work)
     rows = trained.to(work)
-    cos, ratio = pf.cosine_and_ratio(target[rows], expected[rows])
-    finite = torch.isfinite(cos) & torch.isfinite(ratio)
-    if not bool(finite.any()):
-        obs["compared"], obs["not_compared"] = False, "no sample with a positive weight and a non-zero velocity"
+    if not compare_with_path(obs, target, expected, rows, t_values):
         return obs
-    cos_f, ratio_f = cos[finite], ratio[finite]
-    summary = torch.stack([cos_f.median(), ratio_f.median(), cos_f.quantile(0.05)]).cpu().tolist()
-    obs["compared"] = True
-    obs["cos_median"], obs["ratio_median"], obs["cos_p05"] = (float(x) for x in summary)
-    obs["cos_samples"] = [round(float(x), 5) for x in cos_f.cpu().tolist()]
-    t_rows = t_values[rows.cpu().numpy()][finite.cpu().numpy()]
-    keep = _thin(len(obs["cos_samples"]))
-    obs["cos_curve"] = {"t": t_rows[keep].tolist(), "cos": np.asarray(obs["cos_samples"])[keep].tolist()}
     eps = out.get("eps")
     eps = eps.detach().to(work) if isinstance(eps, torch.Tensor) and eps.shape == x0.shape else None
     xt = out.get("xt")

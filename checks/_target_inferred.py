@@ -78,12 +78,11 @@ def compare_inferred(ctx, batch, probe, solved, obs: dict[str, Any]) -> dict[str
     """A step without x0/x1/x_t/t (``probe``, ``solved``: the implied audit's first probe and solution): x_t and t
     from the velocity module's inputs, x1 from ``encode``, the path inferred by :func:`infer_path`; the implied
     target compared with that path's velocity."""
-    import numpy as np
     import torch
 
     from . import _path_fit as pf
     from . import _structure_math as sm
-    from ._target_implied import PROBE_SALT, _thin, weight_shape
+    from ._target_implied import PROBE_SALT, _thin, compare_with_path, weight_shape
 
     raw = probe.raw
     n = int(raw.shape[0])
@@ -121,18 +120,8 @@ def compare_inferred(ctx, batch, probe, solved, obs: dict[str, Any]) -> dict[str
     obs.update(direction=path.direction, describe=path.describe, ends=path.ends)
     target = solved.target.to(path.expected.device)
     rows = torch.isfinite(target).all(1)
-    cos, ratio = pf.cosine_and_ratio(target[rows], path.expected[rows])
-    finite = torch.isfinite(cos) & torch.isfinite(ratio)
-    if not bool(finite.any()):
-        return {**obs, "compared": False, "not_compared": "no sample with a positive weight and a non-zero velocity"}
-    cos_f, ratio_f = cos[finite], ratio[finite]
-    summary = torch.stack([cos_f.median(), ratio_f.median(), cos_f.quantile(0.05)]).cpu().tolist()
-    obs["compared"] = True
-    obs["cos_median"], obs["ratio_median"], obs["cos_p05"] = (float(x) for x in summary)
-    obs["cos_samples"] = [round(float(x), 5) for x in cos_f.cpu().tolist()]
-    t_rows = t[rows.cpu().numpy()][finite.cpu().numpy()]
-    keep = _thin(len(obs["cos_samples"]))
-    obs["cos_curve"] = {"t": t_rows[keep].tolist(), "cos": np.asarray(obs["cos_samples"])[keep].tolist()}
+    if not compare_with_path(obs, target, path.expected, rows, t):
+        return obs
     ones = torch.ones(int(rows.sum()), dtype=torch.float64, device=target.device)
     candidates = pf.candidate_targets(path.source[rows], pf.flat(x1).to(target.device)[rows],
                                       pf.flat(xt).to(target.device)[rows], path.expected[rows], None, ones)
