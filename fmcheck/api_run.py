@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Union
 
-from .config import Settings, load_settings
+from .config import load_settings
 from .contract import Pipeline, coerce, load_pipeline
 from .report import Report
 from .verdict import Verdict
@@ -30,12 +30,6 @@ class PreflightError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-def _settings(options: dict[str, Any], config: Optional[str],
-              overrides: Optional[list[str]]) -> tuple[Settings, dict[str, str]]:
-    """The CLI's settings path: options > ``config`` file > [tool.fmcheck] in the nearest pyproject.toml > defaults."""
-    return load_settings(options, config, overrides, source="option")
-
-
 def _pipeline(pipeline: PipelineLike) -> Pipeline:
     return load_pipeline(pipeline) if isinstance(pipeline, str) else coerce(pipeline)
 
@@ -51,7 +45,7 @@ def run(pipeline: PipelineLike, checks: Optional[Iterable[str]] = None, *, skip:
     """
     from .runner import run as run_checks
 
-    settings, origins = _settings(options, config, overrides)
+    settings, origins = load_settings(options, config, overrides, source="option")  # the CLI's settings path
     name = pipeline if isinstance(pipeline, str) else None
     report = run_checks(_pipeline(pipeline), settings, only=checks, skip=skip, origins=origins, pipeline_name=name)
     if settings.plot_dir:  # plot_dir="figures/": drawn after the run, recorded on each result (checks[].plots)

@@ -105,7 +105,8 @@ def _check_shapes(raw: Mapping, where: str) -> None:
         samples = shaped[0][1][0]
         if t.numel() != 1 and (t.dim() == 0 or t.shape[0] != samples):  # (B, frames) is a schedule; (3,) a bug
             raise PipelineError(f"{where} output 't' has shape {tuple(t.shape)} for {samples} samples "
-                                f"('{shaped[0][0]}' {shaped[0][1]}); expected one time per sample (leading dimension), or one for all")
+                                f"('{shaped[0][0]}' {shaped[0][1]}); expected one time per sample (leading "
+                                "dimension), or one for all")
 
 
 def to_device(value: Any, device: Any) -> Any:
