@@ -13,11 +13,12 @@ from ._version import __version__
 
 _EXPORTS = {
     "Check": "api", "CheckDoc": "api", "Judgement": "api", "Skip": "api", "Thresholds": "api",
+    "Hit": "findings", "Rule": "findings",
     "PreflightError": "api_run", "preflight": "api_run", "run": "api_run",
     "Settings": "config",
     "Pipeline": "contract", "load_pipeline": "contract",
     "ConfigError": "errors", "PipelineError": "errors", "UsageError": "errors",
-    "CheckResult": "report", "Measurement": "report", "Report": "report",
+    "CheckResult": "report", "Finding": "report", "Measurement": "report", "Report": "report",
     "ExitCode": "verdict", "Verdict": "verdict",
     "judges": None,
 }
@@ -44,9 +45,10 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import judges
     from .api import Check, CheckDoc, Judgement, Skip, Thresholds
+    from .findings import Hit, Rule
     from .api_run import PreflightError, preflight, run
     from .config import Settings
     from .contract import Pipeline, load_pipeline
     from .errors import ConfigError, PipelineError, UsageError
-    from .report import CheckResult, Measurement, Report
+    from .report import CheckResult, Finding, Measurement, Report
     from .verdict import ExitCode, Verdict

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from .report import Measurement
+from .findings import Hit, Rule, evaluate
+from .report import Finding, Measurement
 from .verdict import Verdict
 
 if TYPE_CHECKING:
@@ -53,6 +54,9 @@ class NoThresholds(Thresholds):
     pass
 
 
+__all__ = ["Check", "CheckDoc", "Finding", "Hit", "Judgement", "NoThresholds", "Rule", "Skip", "Thresholds"]
+
+
 class Skip(Exception):
     """Raised by ``measure`` when the pipeline lacks what the check needs; the reason is shown to the user."""
 
@@ -71,13 +75,21 @@ class CheckDoc:
 
 @dataclass
 class Judgement:
-    """What ``judge`` returns. The check's verdict is the worst measurement's unless ``verdict`` is given."""
+    """What ``judge`` returns.
+
+    A check with rules returns its ``findings`` (``fmcheck.findings.evaluate(self.rules, evidence, thresholds)``):
+    the runner derives the verdict, the summary and the hint from them, after ``--ignore`` and ``--strict``;
+    ``summary`` is then what the row says when no finding counts (what was measured). A check without rules (an
+    older plugin) leaves ``findings`` None: its verdict is the worst measurement's unless ``verdict`` is given, and
+    a non-PASS verdict becomes one finding under the check's id, with ``summary`` and ``hint`` as its words.
+    """
 
     measurements: list[Measurement]
     summary: str
     hint: Optional[str] = None
     verdict: Optional[Verdict] = None
     details: dict[str, Any] = field(default_factory=dict)
+    findings: Optional[list[Finding]] = None
 
     def final_verdict(self) -> Verdict:
         if self.verdict is not None:
@@ -96,6 +108,14 @@ class Check:
     requires_outputs: ClassVar[tuple[str, ...]] = ()  # step-output keys that must be present
     Thresholds: ClassVar[type[Thresholds]] = NoThresholds
     order: ClassVar[int] = 100  # position in `fmcheck all` (the seed's order: scale, norms, target, kl, overfit)
+    # Everything the check can conclude, each under a stable code (`fmcheck explain CODE`, `--ignore CODE`).
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    def conclude(self, evidence: Any, thresholds: Thresholds, measurements: list[Measurement], passed: str,
+                 details: Optional[dict[str, Any]] = None) -> Judgement:
+        """The usual end of ``judge``: run the check's rules on the evidence and hand back the judgement."""
+        return Judgement(measurements=measurements, summary=passed, details=details or {},
+                         findings=evaluate(self.rules, evidence, thresholds))
 
     def measure(self, ctx: "Context") -> Any:
         raise NotImplementedError

@@ -43,6 +43,8 @@ class Settings(BaseModel):
     strict: bool = False
     debug: bool = False
     plot_dir: Optional[str] = None
+    # Finding codes that count toward no verdict (listed as ignored); every layer's list adds to the others'.
+    ignore: list[str] = Field(default_factory=list)
     thresholds: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("device")
@@ -92,6 +94,15 @@ def _split(table: dict[str, Any], where: str) -> tuple[dict[str, Any], dict[str,
     return settings, thresholds
 
 
+def _codes(value: Any, where: str) -> list[str]:
+    """An ignore list: finding codes, as a list or one comma-separated string."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: 'ignore' must be a list of finding codes, e.g. [\"target.xt_half_precision\"]")
+    return [part.strip() for v in value for part in v.split(",") if part.strip()]
+
+
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """``--set norms.ratio_warn=3`` -> {"norms": {"ratio_warn": 3.0}}; values parse as TOML scalars."""
     thresholds: dict[str, dict[str, Any]] = {}
@@ -120,8 +131,11 @@ def load_settings(cli: dict[str, Any], config_path: Optional[str] = None, overri
     thresholds: dict[str, dict[str, Any]] = {}
     origins: dict[str, str] = {}
 
+    ignored: list[str] = []
+
     def layer(table: dict[str, Any], where: str) -> None:
         settings, tables = _split(table, where)
+        ignored.extend(_codes(settings.pop("ignore", []), where))
         merged.update(settings)
         for check_id, values in tables.items():
             thresholds.setdefault(check_id, {}).update(values)
@@ -149,7 +163,9 @@ def load_settings(cli: dict[str, Any], config_path: Optional[str] = None, overri
     given_thresholds = explicit.pop("thresholds", None) or {}
     if not isinstance(given_thresholds, dict) or not all(isinstance(v, dict) for v in given_thresholds.values()):
         raise ConfigError(f"{source} 'thresholds': expected a mapping of check id -> {{name: value}}")
+    ignored.extend(_codes(explicit.pop("ignore", None) or [], f"{source} 'ignore'"))
     merged.update({k: v for k, v in explicit.items() if v is not None})
+    merged["ignore"] = list(dict.fromkeys(ignored))
     for check_id, values in given_thresholds.items():
         thresholds.setdefault(check_id, {}).update(values)
         origins[check_id] = f"thresholds[{check_id!r}]"

@@ -159,6 +159,9 @@ class Context:
         self.listener = listener
         self.check_id: Optional[str] = None
         self.deadline: Optional[float] = None
+        # The running check's thresholds, validated once by the runner: what ``measure`` reads when a bound decides
+        # how long to measure (the overfit's stop, scale's probe); ``judge`` receives the same object.
+        self.thresholds: Any = None
         self._batches: list[Any] = []
         self._batches_exhausted = False
         self._source: Optional[Iterator[Any]] = None

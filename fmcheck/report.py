@@ -1,4 +1,8 @@
-"""The report data model (JSON schema_version 1). Renderers read it; nothing here renders."""
+"""The report data model (JSON schema_version 2). Renderers read it; nothing here renders.
+
+Version 2 added ``checks[].findings`` (one entry per conclusion a check reached, with its stable code) and the
+report's ``ignored`` codes; every field of version 1 is still there with its meaning (docs/ci.md).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .verdict import ExitCode, Verdict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 Value = Union[bool, int, float, str, None]
 
@@ -36,6 +40,24 @@ class Measurement(BaseModel):
         return self.verdict is not None
 
 
+class Finding(BaseModel):
+    """One conclusion a check reached, under its rule's stable code (``scale.twice``): what was observed against
+    which bound, what it means and what fixes it. ``ignored`` findings (``--ignore CODE``) are kept and listed but
+    count toward no verdict; ``strict`` marks a WARN that ``--strict`` made a FAIL."""
+
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings")
+
+    code: str
+    verdict: Verdict
+    message: str
+    fix: str = ""
+    observed: Value = None
+    bound: str = ""
+    unit: str = ""
+    ignored: bool = False
+    strict: bool = False
+
+
 class CheckResult(BaseModel):
     model_config = ConfigDict(ser_json_inf_nan="strings")
 
@@ -45,6 +67,8 @@ class CheckResult(BaseModel):
     summary: str = ""
     measurements: list[Measurement] = Field(default_factory=list)
     hint: Optional[str] = None
+    # What the check concluded, worst first; the verdict, summary and hint are derived from these (fmcheck.findings).
+    findings: list[Finding] = Field(default_factory=list)
     duration_s: float = 0.0
     # Extra machine-readable data a check wants to keep (curves, fingerprints); never needed to read the verdict.
     details: dict[str, Any] = Field(default_factory=dict)
@@ -73,6 +97,8 @@ class Report(BaseModel):
     environment: Environment
     pipeline: Optional[str] = None
     strict: bool = False
+    # Finding codes the run was told to ignore (--ignore / ignore = [...]): listed, never counted.
+    ignored: list[str] = Field(default_factory=list)
     interrupted: bool = False
     checks: list[CheckResult] = Field(default_factory=list)
     # The latent space the numbers were measured in (VAE, scaling, latent shape, resolution): `fmcheck compare`.

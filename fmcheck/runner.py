@@ -18,10 +18,11 @@ from .config import Settings, thresholds_for
 from .context import Context
 from .contract import Pipeline
 from .errors import PipelineError, UsageError
+from .findings import active, conclude, ignore as ignore_codes, promote_warnings, unknown_code
 from .fingerprint import compute as compute_fingerprint
 from .isolate import CheckTimeout, capture, describe, full_traceback, short_traceback
 from .registry import Registry, discover
-from .report import CheckResult, Environment, Report, exit_code_for, overall_verdict
+from .report import CheckResult, Environment, Finding, Report, exit_code_for, overall_verdict
 from .state import StateSnapshot
 from .verdict import Verdict
 
@@ -115,7 +116,7 @@ def run_check(check: type[Check], ctx: Context, thresholds: Any, snapshot: State
     naming them (they are undone, so the next check sees the user's modules as they were).
     """
     start = time.perf_counter()
-    ctx.check_id = check.id
+    ctx.check_id, ctx.thresholds = check.id, thresholds
     limit = check_timeout(check, ctx.settings)
     ctx.deadline = time.monotonic() + limit
     left: list[str] = []
@@ -128,9 +129,9 @@ def run_check(check: type[Check], ctx: Context, thresholds: Any, snapshot: State
             left = snapshot.leftovers()  # before the restore undoes them
         finally:
             snapshot.restore()
-            ctx.check_id, ctx.deadline = None, None
+            ctx.check_id, ctx.deadline, ctx.thresholds = None, None, None
     duration = time.perf_counter() - start
-    result = _result(check, thresholds, reason_outcome, measured, ctx.settings.debug, duration)
+    result = _result(check, thresholds, reason_outcome, measured, ctx.settings, duration)
     return _left_behind(result, left) if left else result
 
 
@@ -146,8 +147,9 @@ def _left_behind(result: CheckResult, left: list[str]) -> CheckResult:
                                      "details": {**result.details, "left_behind": left}})
 
 
-def _result(check: type[Check], thresholds: Any, reason_outcome: Any, measured: Any, debug: bool,
+def _result(check: type[Check], thresholds: Any, reason_outcome: Any, measured: Any, settings: Settings,
             duration: float) -> CheckResult:
+    debug = settings.debug
     if not reason_outcome.ok:
         return error_result(check, reason_outcome.exc, debug, duration)
     if reason_outcome.value is not None:
@@ -165,9 +167,30 @@ def _result(check: type[Check], thresholds: Any, reason_outcome: Any, measured: 
         result.summary = f"judging failed: {describe(judged.exc)}"
         return result
     judgement: Judgement = judged.value
-    return CheckResult(id=check.id, title=check.title, verdict=judgement.final_verdict(), summary=judgement.summary,
-                       measurements=judgement.measurements, hint=judgement.hint, duration_s=duration,
-                       details=judgement.details)
+    findings = judgement.findings
+    if findings is None:  # a check without rules: its verdict, as one finding under its id
+        verdict = judgement.final_verdict()
+        if verdict is Verdict.SKIP:
+            return CheckResult(id=check.id, title=check.title, verdict=verdict, summary=judgement.summary,
+                               measurements=judgement.measurements, duration_s=duration, details=judgement.details)
+        findings = [] if verdict is Verdict.PASS else [
+            Finding(code=check.id, verdict=verdict, message=judgement.summary, fix=judgement.hint or "")]
+    result = CheckResult(id=check.id, title=check.title, verdict=Verdict.PASS, summary=judgement.summary,
+                         measurements=judgement.measurements, duration_s=duration, details=judgement.details,
+                         findings=findings)
+    return settle(result, judgement.summary, settings.ignore, settings.strict)
+
+
+def settle(result: CheckResult, passed: str, ignored: Iterable[str] = (), strict: bool = False) -> CheckResult:
+    """The check's verdict, summary and hint from its findings (fmcheck.findings.conclude), after ``--ignore`` marks
+    findings ignored and ``--strict`` turns the WARNs that count into FAILs."""
+    findings = ignore_codes(result.findings, ignored)
+    if strict:
+        findings = promote_warnings(findings)
+    verdict, summary, hint = conclude(findings, passed)
+    if any(f.strict for f in active(findings)):
+        summary = f"{summary} [warn, --strict]"
+    return result.model_copy(update={"findings": findings, "verdict": verdict, "summary": summary, "hint": hint})
 
 
 def _resolve_device(pipeline: Pipeline, requested: Optional[str]):
@@ -237,10 +260,12 @@ def _environment(device, seed: int) -> Environment:
                        platform=f"{platform.system()}-{platform.machine()}")
 
 
-def _promote_strict(result: CheckResult) -> CheckResult:
-    if result.verdict is Verdict.WARN:
-        return result.model_copy(update={"verdict": Verdict.FAIL, "summary": f"{result.summary} [warn, --strict]"})
-    return result
+def known_codes(registry: Registry) -> set[str]:
+    """Every finding code a run with this registry can report: the rules' codes, and the id of a check (or a plugin
+    that failed to load) that declares none."""
+    codes = {rule.code for cls in registry.checks.values() for rule in cls.rules}
+    codes |= {cls.id for cls in registry.checks.values() if not cls.rules}
+    return codes | {f.name for f in registry.failures}
 
 
 def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Optional[Iterable[str]] = None,
@@ -266,6 +291,10 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
                          + (f" (did you mean '{close[0]}'? " if close else " (")
                          + f"known: {', '.join(sorted(registry.checks))})")
 
+    codes = known_codes(registry)
+    for code in settings.ignore:
+        if code not in codes:
+            raise UsageError(f"--ignore {code}: " + unknown_code(code, codes))
     if settings.plot_dir:
         _check_plot_dir(settings.plot_dir)
     device = _resolve_device(pipeline, settings.device)
@@ -302,8 +331,6 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
                 result = CheckResult(id=check.id, title=check.title, verdict=Verdict.ERROR,
                                      summary="interrupted (Ctrl-C); state restored",
                                      duration_s=time.perf_counter() - started)  # the time it ran, not 0
-            if settings.strict:
-                result = _promote_strict(result)
             results.append(result)
             listener.check_finished(result)
             if interrupted:
@@ -321,7 +348,7 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
     code = exit_code_for(results)
     report = Report(fmcheck_version=_version.__version__, verdict=overall_verdict(results), exit_code=int(code),
                     environment=_environment(device, settings.seed), pipeline=pipeline_name, strict=settings.strict,
-                    interrupted=interrupted, checks=results, fingerprint=fingerprint,
+                    ignored=list(settings.ignore), interrupted=interrupted, checks=results, fingerprint=fingerprint,
                     generators=[found.name for found in snapshot.generators])
     if rank is not None:
         from .distributed import all_gather, merge
