@@ -13,6 +13,28 @@ def _threshold_rows(cls: Any) -> list[str]:
     return rows
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _plain_template(text: str) -> str:
+    """A template as prose: '{observed}' reads as 'the observed value' would be wordy; the field names say it."""
+    return text.replace("{", "<").replace("}", ">")
+
+
+def rule_markdown(rule: Any, cls: Any) -> str:
+    """`fmcheck explain CODE`: one finding's rule, in the check's context."""
+    lines = [f"# `{rule.code}` ({rule.verdict.value.upper()}): {rule.title}", "",
+             f"Reported by the `{cls.id}` check ({cls.title}); `fmcheck explain {cls.id}` says what it measures.", ""]
+    if rule.doc:
+        lines += [rule.doc, ""]
+    lines += ["## Message", "", f"`{rule.message}`", "", "## Fix", "", _plain_template(rule.fix), "",
+              "## Ignoring it", "",
+              f"`--ignore {rule.code}`, or `ignore = [\"{rule.code}\"]` under `[tool.fmcheck]`: the finding is then "
+              "listed as ignored and counts toward no verdict or exit code.", ""]
+    return "\n".join(lines)
+
+
 def check_markdown(cls: Any) -> str:
     doc = cls.doc
     lines = [f"# `{cls.id}`: {cls.title}", "", cls.purpose, "", "## What it measures", "", doc.what, "",
@@ -20,6 +42,13 @@ def check_markdown(cls: Any) -> str:
              "", doc.fix, ""]
     if doc.causes:
         lines += ["## Typical causes", ""] + [f"- {c}" for c in doc.causes] + [""]
+    if cls.rules:
+        lines += ["## Findings", "",
+                  "Each is reported under its code; `fmcheck explain CODE` prints its doc, `--ignore CODE` (or "
+                  "`ignore = [...]` in the config) lists it as ignored instead of counting it.", "",
+                  "| code | verdict | finding | fix |", "|---|---|---|---|",
+                  *(f"| `{r.code}` | {r.verdict.value.upper()} | {_cell(r.title)} | {_cell(_plain_template(r.fix))} |"
+                    for r in cls.rules), ""]
     rows = _threshold_rows(cls)
     if rows:
         lines += ["## Thresholds", "",
