@@ -46,6 +46,10 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also every me
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a threshold: CHECK.NAME=VALUE "
                                                                    "(repeatable).")]
 IdsOpt = Annotated[Optional[list[str]], typer.Option(help="Check ids, comma-separated or repeated.")]
+IgnoreOpt = Annotated[Optional[list[str]], typer.Option("--ignore", metavar="CODE",
+                                                        help="Ignore a finding: listed as ignored, counted toward no "
+                                                             "verdict or exit code (repeatable or comma-separated; "
+                                                             "`fmcheck list --codes` lists them).")]
 
 
 def _ids(values: Optional[list[str]]) -> list[str]:
@@ -195,13 +199,15 @@ def _command(only_id: Optional[str]) -> Callable[..., None]:
         verbose: VerboseOpt = False,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a threshold: CHECK.NAME=VALUE "
                                                                         "(repeatable).")] = None,
+        ignore: IgnoreOpt = None,
         only: IdsOpt = None,
         skip: IdsOpt = None,
     ) -> None:
         selected = [only_id] if only_id else _ids(only)
         _execute(module, only=selected, skip=_ids(skip), json_path=json_path, junit=junit, debug=debug,
                  verbose=verbose, config=config, overrides=set_, device=device, seed=seed, strict=strict or None,
-                 samples=samples, max_steps=max_steps, time_budget=time_budget, timeout=timeout, plot_dir=plot)
+                 samples=samples, max_steps=max_steps, time_budget=time_budget, timeout=timeout, plot_dir=plot,
+                 ignore=_ids(ignore))
 
     if only_id is not None:  # --only/--skip make no sense for a single check: hide them
         command.__signature__ = _without(command, ("only", "skip"))  # type: ignore[attr-defined]
@@ -280,7 +286,7 @@ def _scale_command() -> Callable[..., None]:
 def _execute_scale_vae(vae: str, *, images: Optional[str], resolution: Optional[int], json_path: Optional[str],
                        junit: Optional[Path], debug: bool, verbose: bool, config: Optional[str],
                        set_: Optional[list[str]], device: Optional[str], seed: Optional[int], strict: bool,
-                       **_: Any) -> None:
+                       ignore: Optional[list[str]] = None, **_: Any) -> None:
     from .config import load_settings
     from .renderers.console import render
     from .renderers.terminal import make_console, plain, status
@@ -288,8 +294,8 @@ def _execute_scale_vae(vae: str, *, images: Optional[str], resolution: Optional[
     human = make_console(stderr=json_path == "-")
     try:
         _check_outputs(json_path, junit)
-        settings, origins = load_settings({"device": device, "seed": seed, "strict": strict or None, "debug": debug},
-                                          config, set_)
+        settings, origins = load_settings({"device": device, "seed": seed, "strict": strict or None, "debug": debug,
+                                           "ignore": _ids(ignore)}, config, set_)
         from .checks import _scale_standalone  # lazily: diffusers, PIL and scikit-learn only when used
 
         with status(human, f"scale --vae {vae}: loading and encoding"):
@@ -314,26 +320,41 @@ for _check_id, _target in _builtin_ids():
         _scale_command() if _check_id == "scale" else _command(_check_id))
 
 
-@app.command("list", help="Every registered check, built-in and plugin, with its one-line purpose.")
-def list_checks() -> None:
+@app.command("list", help="Every registered check, built-in and plugin, with its one-line purpose; --codes lists "
+                           "the finding codes instead.")
+def list_checks(
+    codes: Annotated[bool, typer.Option("--codes", help="List every finding code (for --ignore and explain).")]
+    = False,
+) -> None:
     from .registry import discover
-    from .renderers.terminal import check_list, make_console
+    from .renderers.terminal import check_list, code_list, make_console
 
-    check_list(discover(), make_console())
+    (code_list if codes else check_list)(discover(), make_console())
 
 
-@app.command("explain", help="What a check measures, why, its thresholds, typical causes and fixes.")
-def explain(check_id: Annotated[str, typer.Argument(help="A check id from `fmcheck list`.")]) -> None:
-    from .docs import check_markdown
+@app.command("explain", help="What a check measures, why, its thresholds, causes and fixes; or, for a finding code "
+                              "(scale.twice), what that finding means and how to fix it.")
+def explain(name: Annotated[str, typer.Argument(metavar="CHECK_OR_CODE",
+                                                help="A check id or a finding code (`fmcheck list --codes`).")]) -> None:
+    from .docs import check_markdown, rule_markdown
+    from .findings import unknown_code
     from .registry import discover
     from .renderers.terminal import make_console, markdown
 
     registry = discover()
-    cls = registry.get(check_id)
-    if cls is None:
-        raise _fail_usage(UsageError(f"unknown check id '{check_id}' (known: {', '.join(sorted(registry.checks))})"),
-                          False)
-    markdown(check_markdown(cls), make_console())
+    cls = registry.get(name)
+    if cls is not None:
+        markdown(check_markdown(cls), make_console())
+        return
+    rules = {rule.code: (rule, owner) for owner in registry.ordered() for rule in owner.rules}
+    if name in rules:
+        rule, owner = rules[name]
+        markdown(rule_markdown(rule, owner), make_console())
+        return
+    if "." in name:
+        raise _fail_usage(UsageError(f"explain: {unknown_code(name, rules)}"), False)
+    raise _fail_usage(UsageError(f"explain: unknown check id '{name}' (known: {', '.join(sorted(registry.checks))}; "
+                                 "or give a finding code from `fmcheck list --codes`)"), False)
 
 
 @app.command("init", help="Write a commented adapter template (build() around your training step). Never overwrites.")

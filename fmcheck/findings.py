@@ -96,8 +96,8 @@ def evaluate(rules: Sequence[Rule], evidence: Any, thresholds: Any) -> list[Find
         except Exception as exc:  # one rule's bug must not silence the others
             findings.append(Finding(code=rule.code, verdict=Verdict.ERROR,
                                     message=f"rule {rule.code} could not be judged: {describe(exc)}",
-                                    fix="report this with the JSON report attached (--json); the other findings "
-                                        "stand"))
+                                    fix="report this to the check's authors with the JSON report (--json); "
+                                        "the other findings stand"))
     return findings
 
 

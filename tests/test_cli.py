@@ -62,7 +62,7 @@ def test_json_to_stdout_is_the_pydantic_model_and_round_trips(tmp_path):
     assert result.returncode == 3
     data = json.loads(result.stdout)  # stdout holds only JSON; the human report went to stderr
     assert "t_ratio" in result.stderr
-    assert data["schema_version"] == 1 and data["exit_code"] == 3 and data["verdict"] == "error"
+    assert data["schema_version"] == 2 and data["exit_code"] == 3 and data["verdict"] == "error"
     assert set(data["environment"]) >= {"python", "torch", "device", "seed"}
     ratio = next(c for c in data["checks"] if c["id"] == "t_ratio")
     assert set(ratio) >= {"id", "verdict", "summary", "measurements", "hint", "duration_s"}

@@ -12,7 +12,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 from rich.text import Text
 
-from ..report import CheckResult, Measurement, Report
+from ..findings import active
+from ..report import CheckResult, Finding, Measurement, Report
 from ..verdict import Verdict
 
 STYLE = {
@@ -143,24 +144,40 @@ def against_bound(m: Measurement) -> str:
     return _measurement_line(m) + (f", expected {m.expected}" if m.expected else "")
 
 
+def finding_text(finding: Finding) -> str:
+    """The finding's message; its number against its bound appended when the message does not already say it."""
+    if finding.bound and finding.bound not in finding.message:
+        observed = format_value(finding.observed, finding.bound)
+        unit = f" {finding.unit}" if finding.unit else ""
+        return f"{finding.message} ({observed}{unit}, expected {finding.bound})"
+    return finding.message
+
+
 def fixes(report: Report, id_width: int = 0) -> Optional[Table]:
-    """One entry per check that did not pass, FAIL then ERROR then WARN: verdict, id, the decisive number against
-    its bound, then ``fix: <hint>``. The summary is not here: the check's row says it."""
-    pending = [r for v in _URGENCY for r in report.checks if r.verdict is v]
-    if not pending:
+    """What to fix, first: one entry per finding that counts, FAIL then ERROR then WARN across all checks: verdict,
+    code, the message with its number against the bound, then ``fix:``. A check that crashed (no finding) gives its
+    one line and fix. Ignored findings follow, dimmed, one line each."""
+    entries: list[tuple[Verdict, str, str, Optional[str]]] = []
+    for result in report.checks:
+        live = active(result.findings)
+        if live:
+            entries += [(f.verdict, f.code, finding_text(f), f.fix or None) for f in live]
+        elif result.verdict in _URGENCY:  # a crash, a leak, a plugin that failed to load: no finding to show
+            entries.append((result.verdict, result.id, result.summary, result.hint))
+    ignored = [(result, f) for result in report.checks for f in result.findings if f.ignored]
+    if not entries and not ignored:
         return None
-    grid = _grid(id_width or max(len(r.id) for r in pending))
-    for result in pending:
-        bad = decisive(result)
-        first = against_bound(bad[0]) + (f" (+{len(bad) - 1} more, --verbose)" if len(bad) > 1 else "") \
-            if bad else ""
-        hint = Text.assemble(("fix: ", "bold"), result.hint) if result.hint else None
-        if first:
-            grid.add_row(verdict_text(result.verdict), result.id, first)
-            if hint is not None:
-                grid.add_row("", "", hint)
-        else:
-            grid.add_row(verdict_text(result.verdict), result.id, hint or "")
+    entries.sort(key=lambda e: _URGENCY.index(e[0]))  # stable: the checks' order within a verdict
+    grid = _grid(id_width or max(len(e[1]) for e in entries or [(None, f.code) for _, f in ignored]))
+    shown_fixes: set[str] = set()
+    for verdict, code, text, fix in entries:
+        grid.add_row(verdict_text(verdict), code, text)
+        if fix and fix not in shown_fixes:  # one fix for several findings is said once
+            shown_fixes.add(fix)
+            grid.add_row("", "", Text.assemble(("fix: ", "bold"), fix))
+    for _, f in ignored:
+        grid.add_row(Text("ignored", style="dim"), Text(f.code, style="dim"),
+                     Text(f"{f.verdict.value.upper()}: {f.message}", style="dim"))
     return grid
 
 
@@ -190,7 +207,7 @@ def render(report: Report, console: Console, *, verbose: bool = False, shown: It
     torchrun the merged rows differ from the rank's live lines, so they are printed)."""
     already = {(r.id, r.verdict, r.summary) for r in shown}
     width = max((len(r.id) for r in report.checks), default=0)
-    to_fix = fixes(report, width)
+    to_fix = fixes(report)
     if to_fix is not None:
         console.print(to_fix)
         console.print()

@@ -47,6 +47,19 @@ def check_list(registry: Any, console: Console) -> None:
     console.print(table)
 
 
+def code_list(registry: Any, console: Console) -> None:
+    """`fmcheck list --codes`: every finding code a run can report, with its verdict and what it names."""
+    table = Table(title="fmcheck finding codes", title_justify="left")
+    for column in ("code", "verdict", "finding"):
+        table.add_column(column)
+    for cls in registry.ordered():
+        for rule in cls.rules:
+            table.add_row(rule.code, rule.verdict.value.upper(), rule.title)
+        if not cls.rules:  # a check without rules reports under its id
+            table.add_row(cls.id, "", Text(f"{cls.title} (the check declares no rules)", style="dim"))
+    console.print(table)
+
+
 def markdown(text: str, console: Console) -> None:
     from rich.markdown import Markdown  # markdown-it only for `explain`: `list` stays light
 

@@ -145,3 +145,69 @@ class OutOfMemory(Check):
 
     def judge(self, obs, th):  # pragma: no cover
         return Judgement([], "unreachable")
+
+
+# --- a check with declared rules: findings under codes (--ignore, explain, JSON findings[], JUnit cases) ---------
+from fmcheck.findings import Hit, Rule  # noqa: E402
+from fmcheck.verdict import Verdict  # noqa: E402
+
+
+class RulesThresholds(Thresholds):
+    warn_factor: float = 2.0
+    fail_factor: float = 3.0
+    break_rule: bool = False
+
+
+def _spread(ratio: float) -> float:
+    return max(ratio, 1 / ratio)
+
+
+def _far(ratio, th):
+    if _spread(ratio) > th.fail_factor:
+        return Hit.of(ratio, f"<= {th.fail_factor:g}x either way", "x")
+    return None
+
+
+def _off(ratio, th):
+    if th.warn_factor < _spread(ratio) <= th.fail_factor:
+        return Hit.of(ratio, f"<= {th.warn_factor:g}x either way", "x")
+    return None
+
+
+def _broken(ratio, th):
+    if th.break_rule:
+        raise ZeroDivisionError("division by zero")
+    return None
+
+
+def _x0_small(ratio, th):
+    return Hit.of(ratio, "", "x", side="x1") if ratio > 1 else Hit.of(ratio, "", "x", side="x0")
+
+
+RULES_DOC = "A test rule: the ratio of ||x1|| to ||x0|| on batch 0, held to the configured factors either way."
+
+
+class WithRules(Check):
+    """The ratio again, judged by declared rules."""
+
+    id, title, purpose, doc = "t_rules", "ratio by rules (test)", "test-only check with declared rules", DOC
+    requires_outputs = ("x0", "x1")
+    Thresholds = RulesThresholds
+    order = 8
+    rules = (
+        Rule("t_rules.far", Verdict.FAIL, "the ratio is far from 1", "||x1||/||x0|| = {observed} (bound {bound})",
+             "fix the scale", _far, RULES_DOC),
+        Rule("t_rules.off", Verdict.WARN, "the ratio is off", "||x1||/||x0|| = {observed}", "check the scale", _off,
+             RULES_DOC),
+        Rule("t_rules.broken", Verdict.WARN, "a rule that raises on request", "never shown", "none", _broken,
+             RULES_DOC),
+        Rule("t_rules.larger", Verdict.WARN, "one side is larger", "the larger side is {side}", "none needed",
+             _x0_small, RULES_DOC),
+    )
+
+    def measure(self, ctx):
+        out = ctx.outputs(0)
+        return float(out["x1"].norm(dim=-1).mean() / out["x0"].norm(dim=-1).mean())
+
+    def judge(self, ratio, th):
+        return self.conclude(ratio, th, [judges.info("x1/x0", ratio, "x")], passed=f"ratio {ratio:.3g}")
