@@ -108,6 +108,9 @@ class Check:
     requires_outputs: ClassVar[tuple[str, ...]] = ()  # step-output keys that must be present
     Thresholds: ClassVar[type[Thresholds]] = NoThresholds
     order: ClassVar[int] = 100  # position in `fmcheck all` (the seed's order: scale, norms, target, kl, overfit)
+    # Measured facts other parts of fmcheck may read, as {published name: details key} (the fingerprint reads the
+    # scaling as applied from the scale check's "applied_scaling"); everything else in details is the check's own.
+    publishes: ClassVar[dict[str, str]] = {}
     # Everything the check can conclude, each under a stable code (`fmcheck explain CODE`, `--ignore CODE`).
     rules: ClassVar[tuple[Rule, ...]] = ()
 

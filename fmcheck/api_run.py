@@ -16,18 +16,10 @@ class PreflightError(RuntimeError):
     """Raised by :func:`preflight` when a check fails; ``report`` holds the whole report."""
 
     def __init__(self, report: Report):
+        from .renderers.plain import preflight_failure
+
         self.report = report
-        bad = [c for c in report.checks if c.verdict in (Verdict.FAIL, Verdict.ERROR)]
-        lines = [f"fmcheck: {len(bad)} check(s) did not pass before training:"]
-        for check in bad:
-            lines.append(f"  {check.id}: {check.verdict.value.upper()} {check.summary}")
-            for m in check.measurements:
-                if m.verdict in (Verdict.WARN, Verdict.FAIL, Verdict.ERROR):  # judged and not passing
-                    expected = f" (expected {m.expected})" if m.expected else ""
-                    lines.append(f"    {m.name} = {m.value} {m.unit}".rstrip() + expected)
-            if check.hint:
-                lines.append(f"    fix: {check.hint}")
-        super().__init__("\n".join(lines))
+        super().__init__(preflight_failure(report))
 
 
 def _pipeline(pipeline: PipelineLike) -> Pipeline:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from .errors import UsageError
 from .isolate import capture, describe
@@ -32,12 +32,15 @@ EXACT_RTOL = 1e-6
 
 
 # --------------------------------------------------------------------------------------------------- computing
-def compute(pipeline: Any, ctx: Any, results: Iterable[Any]) -> dict[str, Any]:
-    """The fingerprint of a run; a part that cannot be computed is left out and its error recorded under 'errors'."""
+def compute(pipeline: Any, ctx: Any, published: Mapping[str, Any]) -> dict[str, Any]:
+    """The fingerprint of a run; a part that cannot be computed is left out and its error recorded under 'errors'.
+
+    ``published`` holds what the checks publish for other parts of fmcheck (``Check.publishes``): the scaling as
+    applied ("applied_scaling") comes from there, never from a check's private details."""
     fingerprint: dict[str, Any] = {"version": FINGERPRINT_VERSION}
     errors: dict[str, str] = {}
     parts = (("vae", _vae_part, (pipeline,)), ("latent", _latent_part, (ctx,)),
-             ("pixels", _pixels_part, (pipeline, ctx)), ("applied_scaling", _applied_part, (list(results),)))
+             ("pixels", _pixels_part, (pipeline, ctx)), ("applied_scaling", _applied_part, (published,)))
     for name, part, args in parts:
         outcome = capture(part, *args)
         if outcome.ok:
@@ -111,12 +114,9 @@ def _pixels_part(pipeline: Any, ctx: Any) -> Optional[dict[str, Any]]:
     return {"resolution": list(pixels.shape[-2:]), "channels": int(pixels.shape[1]) if pixels.dim() >= 4 else None}
 
 
-def _applied_part(results: list[Any]) -> Optional[Any]:
-    for result in results:
-        if getattr(result, "id", None) == "scale":
-            applied = (getattr(result, "details", None) or {}).get("applied")
-            return to_json(applied) if applied is not None else None
-    return None
+def _applied_part(published: Mapping[str, Any]) -> Optional[Any]:
+    applied = published.get("applied_scaling")
+    return to_json(applied) if applied is not None else None
 
 
 def to_json(value: Any) -> Any:

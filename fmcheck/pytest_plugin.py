@@ -76,28 +76,13 @@ class FmcheckItem(pytest.Item):
 
     def repr_failure(self, excinfo: Any, style: Any = None) -> str:
         if isinstance(excinfo.value, CheckFailed):
-            result = excinfo.value.args[0]
-            lines = [f"{result.id}: {result.verdict.value.upper()} {result.summary}"]
-            for m in result.measurements:
-                lines.append(_measurement_line(m))
-            if result.hint:
-                lines.append(f"  fix: {result.hint}")
-            if result.error:
-                lines.append(result.error)
-            return "\n".join(lines)
+            from .renderers.plain import check_failure
+
+            return "\n".join(check_failure(excinfo.value.args[0]))
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
         return self.config.getoption("--fmcheck"), None, f"fmcheck::{self.check_id}"
-
-
-def _measurement_line(m: Any) -> str:
-    """A judged measurement with its verdict and bound (when it has one); an informational one as 'info', with its
-    note and no bound."""
-    value = f"{m.name} = {m.value} {m.unit}".rstrip()
-    if m.verdict is None:
-        return f"  {'info':5} {value}" + (f" ({m.note})" if m.note else "")
-    return f"  {m.verdict.value:5} {value}" + (f" (expected {m.expected})" if m.expected else "")
 
 
 _SESSION = pytest.StashKey[_Session]()

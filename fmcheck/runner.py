@@ -339,7 +339,8 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
                                                summary="not run: interrupted"))
                 break
         # The latent space these numbers were measured in, for `fmcheck compare`; never fails the run.
-        fingerprint = capture(compute_fingerprint, pipeline, ctx, results).value if not interrupted else None
+        fingerprint = capture(compute_fingerprint, pipeline, ctx, published(checks, results)).value \
+            if not interrupted else None
     finally:
         for module, original in moved.values():
             module.to(original)
@@ -355,6 +356,18 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
 
         report = merge(all_gather(report))
     return report
+
+
+def published(checks: Iterable[type[Check]], results: Iterable[CheckResult]) -> dict[str, Any]:
+    """What the checks that ran publish (``Check.publishes``), read from their results' details."""
+    by_id = {r.id: r for r in results}
+    facts: dict[str, Any] = {}
+    for check in checks:
+        result = by_id.get(check.id)
+        for name, key in check.publishes.items():
+            if result is not None and key in result.details:
+                facts[name] = result.details[key]
+    return facts
 
 
 def _check_plot_dir(directory: str) -> None:

@@ -1,41 +1,46 @@
-"""The heart of the suite: every planted bug is caught by the checks it declares, and correct pipelines stay quiet.
+"""The heart of the suite: every planted bug is caught by exactly the findings it declares, and correct pipelines stay
+quiet.
 
-Fixtures come from fixtures/catalog.py. A bug fixture runs the checks it names in EXPECT; a correct fixture runs
-every built-in check and must get no FAIL (and no ERROR).
+Fixtures come from fixtures/catalog.py. Every built-in check runs on every fixture (the overfit where it is asserted:
+it trains for seconds), so a second check reporting a planted cause, or a stray warning, fails the test: the findings
+that count must be exactly the codes the fixture's EXPECT names. A correct fixture must have no finding at all.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from fixtures.catalog import discover
+from fixtures.catalog import checks_to_run, discover
 from fmcheck.config import Settings
 from fmcheck.contract import load_pipeline
+from fmcheck.findings import active
 from fmcheck.registry import discover as discover_checks
 from fmcheck.runner import run
 from fmcheck.state import state_digest
-from fmcheck.verdict import Verdict
 
 FIXTURES = discover()
-BUILTIN = sorted(discover_checks().checks)
+REGISTRY = discover_checks()
+BUILTIN = [c.id for c in REGISTRY.ordered() if REGISTRY.sources[c.id] == "fmcheck"]
 
 
 @pytest.mark.parametrize("fixture", FIXTURES, ids=[f.name for f in FIXTURES])
-def test_fixture_verdicts(fixture):
+def test_fixture_findings(fixture):
     if fixture.skip:
         pytest.skip(f"{fixture.name}: {fixture.skip}")
-    only = None if fixture.correct else sorted(fixture.expect)
     pipeline = load_pipeline(fixture.spec)
     before = state_digest(pipeline)
-    report = run(pipeline, Settings(), only=only, pipeline_name=fixture.spec)
+    report = run(pipeline, Settings(), only=checks_to_run(fixture, BUILTIN), pipeline_name=fixture.spec)
     assert state_digest(pipeline) == before, f"{fixture.name}: the user's state was not restored bit for bit"
     got = {c.id: c.verdict.value for c in report.checks}
     summaries = {c.id: c.summary for c in report.checks}
-    for check_id, expected in fixture.expect.items():
+    codes = {f.code: f.verdict.value for c in report.checks for f in active(c.findings)}
+    messages = {f.code: f.message for c in report.checks for f in active(c.findings)}
+    errors = {k: summaries[k] for k, v in got.items() if v == "error"}
+    assert not errors, f"{fixture.name}: checks crashed: {errors}"
+    assert codes == fixture.codes, (f"{fixture.name}: findings {codes} but EXPECT names {fixture.codes}; "
+                                    f"unexpected: { {k: messages[k] for k in set(codes) - set(fixture.codes)} }")
+    for check_id, expected in fixture.check_verdicts.items():
         assert got[check_id] == expected, f"{fixture.name}: {check_id} gave {got[check_id]} ({summaries[check_id]})"
-    if fixture.correct:
-        loud = {k: (v, summaries[k]) for k, v in got.items() if v in (Verdict.FAIL.value, Verdict.ERROR.value)}
-        assert not loud, f"{fixture.name} is correct but got {loud}"
 
 
 # Checks whose planted bug needs more than one process; proven in the test named here instead.
@@ -44,7 +49,7 @@ PROVEN_ELSEWHERE = {"ranks": "tests/test_distributed.py (fixtures/distributed/ra
 
 def test_every_builtin_check_catches_at_least_one_planted_bug():
     caught = {check for f in FIXTURES if not f.correct and not f.skip
-              for check, v in f.expect.items() if v in ("fail", "warn")}
+              for check, v in f.check_verdicts.items() if v in ("fail", "warn")}
     missing = set(BUILTIN) - caught - set(PROVEN_ELSEWHERE)
     assert not missing, f"no planted bug proves these checks fire: {missing}"
 
@@ -52,7 +57,7 @@ def test_every_builtin_check_catches_at_least_one_planted_bug():
 def test_every_bug_fixture_declares_what_must_fire():
     for fixture in FIXTURES:
         if not fixture.correct:
-            assert any(v in ("fail", "warn") for v in fixture.expect.values()), fixture.name
+            assert any(v in ("fail", "warn") for v in fixture.codes.values()), fixture.name
 
 
 # Durations only: the overfit stops exactly at its deciding checkpoint, so its steps are counted, not timed; its

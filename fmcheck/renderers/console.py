@@ -162,8 +162,8 @@ def fixes(report: Report, id_width: int = 0) -> Optional[Table]:
         live = active(result.findings)
         if live:
             entries += [(f.verdict, f.code, finding_text(f), f.fix or None) for f in live]
-        elif result.verdict in _URGENCY:  # a crash, a leak, a plugin that failed to load: no finding to show
-            entries.append((result.verdict, result.id, result.summary, result.hint))
+        elif result.verdict in _URGENCY and result.hint:  # a crash, a leak, a plugin that failed to load: its row
+            entries.append((result.verdict, result.id, "", result.hint))  # says what happened; here, the fix
     ignored = [(result, f) for result in report.checks for f in result.findings if f.ignored]
     if not entries and not ignored:
         return None
@@ -171,10 +171,14 @@ def fixes(report: Report, id_width: int = 0) -> Optional[Table]:
     grid = _grid(id_width or max(len(e[1]) for e in entries or [(None, f.code) for _, f in ignored]))
     shown_fixes: set[str] = set()
     for verdict, code, text, fix in entries:
-        grid.add_row(verdict_text(verdict), code, text)
-        if fix and fix not in shown_fixes:  # one fix for several findings is said once
-            shown_fixes.add(fix)
-            grid.add_row("", "", Text.assemble(("fix: ", "bold"), fix))
+        fix_text = Text.assemble(("fix: ", "bold"), fix) if fix and fix not in shown_fixes else None
+        shown_fixes.add(fix)  # one fix for several findings is said once
+        if text:
+            grid.add_row(verdict_text(verdict), code, text)
+            if fix_text is not None:
+                grid.add_row("", "", fix_text)
+        elif fix_text is not None:
+            grid.add_row(verdict_text(verdict), code, fix_text)
     for _, f in ignored:
         grid.add_row(Text("ignored", style="dim"), Text(f.code, style="dim"),
                      Text(f"{f.verdict.value.upper()}: {f.message}", style="dim"))
@@ -191,11 +195,22 @@ def _grid(id_width: int) -> Table:
     return grid
 
 
+def row_text(result: CheckResult) -> str:
+    """A check's row: the codes of its findings when it has any that count (their messages and fixes follow in the
+    list of fixes: nothing is said twice), else its summary (what it measured, why it skipped, how it crashed)."""
+    live = active(result.findings)
+    if live:
+        codes = list(dict.fromkeys(f.code for f in live))
+        return f"{len(live)} finding{'s' if len(live) > 1 else ''}: {', '.join(codes)}"
+    return result.summary
+
+
 def rows(results: list[CheckResult], id_width: int = 0) -> Table:
-    """The compact per-check table: one row per check (verdict, id, summary), the summary wrapped in its column."""
+    """The compact per-check table: one row per check (verdict, id, its findings' codes or its summary), the text
+    wrapped in its column."""
     grid = _grid(id_width or max((len(r.id) for r in results), default=0))
     for result in results:
-        grid.add_row(verdict_text(result.verdict), result.id, result.summary)
+        grid.add_row(verdict_text(result.verdict), result.id, row_text(result))
     return grid
 
 
@@ -205,13 +220,13 @@ def render(report: Report, console: Console, *, verbose: bool = False, shown: It
 
     ``shown`` are the rows the live display already printed, word for word: they are not printed again (under
     torchrun the merged rows differ from the rank's live lines, so they are printed)."""
-    already = {(r.id, r.verdict, r.summary) for r in shown}
+    already = {(r.id, r.verdict, row_text(r)) for r in shown}
     width = max((len(r.id) for r in report.checks), default=0)
     to_fix = fixes(report)
     if to_fix is not None:
         console.print(to_fix)
         console.print()
-    rest = [r for r in report.checks if (r.id, r.verdict, r.summary) not in already]
+    rest = [r for r in report.checks if (r.id, r.verdict, row_text(r)) not in already]
     if rest:
         console.print(Text.assemble((f"fmcheck {report.fmcheck_version}", "bold"),
                                     f" — {report.pipeline or 'pipeline'}"), highlight=False)
