@@ -97,12 +97,15 @@ def test_fingerprint_without_a_vae_and_with_the_scale_checks_applied_scaling():
     pipeline = coerce(tiny.build())
     ctx = Context(pipeline, Settings(), torch.device("cpu"))
     scale = CheckResult(id="scale", verdict=Verdict.PASS, details={"applied": {"scale": torch.tensor(0.5)}})
-    result = fp.compute(pipeline, ctx, [scale])
+    from fmcheck.registry import discover
+    from fmcheck.runner import published
+
+    result = fp.compute(pipeline, ctx, published([discover().get("scale")], [scale]))
     assert result["vae"] is None
     assert result["latent"] == {"shape": [tiny.LATENT], "dtype": "float32"}
     assert result["pixels"] is None  # the batches carry no pixels
     assert result["applied_scaling"] == {"scale": 0.5}
-    assert fp.compute(pipeline, ctx, [])["applied_scaling"] is None
+    assert fp.compute(pipeline, ctx, {})["applied_scaling"] is None
     json.dumps(result)
 
 

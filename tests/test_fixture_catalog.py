@@ -31,7 +31,7 @@ def test_library_fixtures_are_listed_with_their_expectations():
         assert any(name.startswith(prefix) and f.correct for name, f in libs.items()), prefix
         assert not any(name.startswith(prefix + "_") for name in libs), "private modules are not fixtures"
     for fixture in libs.values():
-        assert fixture.correct or any(v in ("fail", "warn") for v in fixture.codes.values()), fixture.name
+        assert fixture.correct or any(v in ("fail", "warn") for v in fixture.check_verdicts.values()), fixture.name
 
 
 def test_a_fixture_whose_library_is_missing_is_listed_as_skipped_with_the_install_line():

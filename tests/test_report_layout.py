@@ -13,7 +13,7 @@ from rich.console import Console
 from conftest import ROOT, run_cli
 from fmcheck.judges import at_most, info
 from fmcheck.renderers.console import render
-from fmcheck.report import CheckResult, Environment, Report
+from fmcheck.report import CheckResult, Environment, Finding, Report
 from fmcheck.verdict import Verdict
 
 SEED = "fixtures.bugs.scale_seed_unsampled_unscaled:build"
@@ -68,9 +68,13 @@ def test_verbose_shows_every_measurement_and_its_note():
 def _report() -> Report:
     checks = [CheckResult(id="norms", verdict=Verdict.WARN, summary="x1 is 2.5x larger",
                           measurements=[info("E||x0||", 16.0), at_most("ratio", 2.5, warn=2.0, fail=3.0)],
-                          hint="scale x1"),
+                          hint="scale x1",
+                          findings=[Finding(code="norms.x1_off", verdict=Verdict.WARN, message="x1 is 2.5x larger",
+                                            fix="scale x1", observed=2.5, bound="<= 2", unit="x")]),
               CheckResult(id="scale", verdict=Verdict.FAIL, summary="applied twice",
-                          measurements=[at_most("z1 std", 0.03, warn=None, fail=0.01)], hint="apply it once"),
+                          measurements=[at_most("z1 std", 0.03, warn=None, fail=0.01)], hint="apply it once",
+                          findings=[Finding(code="scale.twice", verdict=Verdict.FAIL, message="applied twice",
+                                            fix="apply it once", observed=0.03, bound="<= 0.01")]),
               CheckResult(id="kl", verdict=Verdict.PASS, summary="bounded")]
     return Report(fmcheck_version="x", verdict=Verdict.FAIL, exit_code=1, environment=Environment(python="3"),
                   pipeline="mytrain:build", checks=checks)
@@ -84,23 +88,35 @@ def _render(report: Report, **options) -> str:
 
 def test_fixes_come_in_verdict_order_then_the_rows():
     lines = _render(_report()).splitlines()
-    assert re.match(r"FAIL +scale +z1 std 0\.03, expected <= 0\.01$", lines[0].rstrip())
+    # each finding once, worst first: verdict, code, the message with the number against its bound, then the fix
+    assert re.match(r"FAIL +scale\.twice +applied twice \(0\.03, expected <= 0\.01\)$", lines[0].rstrip())
     assert lines[1].strip() == "fix: apply it once"
-    assert re.match(r"WARN +norms +ratio 2\.5, expected <= 2$", lines[2].rstrip())
+    assert re.match(r"WARN +norms\.x1_off +x1 is 2\.5x larger \(2\.5 x, expected <= 2\)$", lines[2].rstrip())
     assert lines[3].strip() == "fix: scale x1"
     title = lines.index("fmcheck x — mytrain:build")
-    assert [line.split()[:2] for line in lines[title + 1:title + 4]] == [["WARN", "norms"], ["FAIL", "scale"],
-                                                                       ["PASS", "kl"]]
+    # the rows name the codes (their words are above), or say what a passing check measured
+    assert [line.split() for line in lines[title + 1:title + 4]] == [
+        ["WARN", "norms", "1", "finding:", "norms.x1_off"], ["FAIL", "scale", "1", "finding:", "scale.twice"],
+        ["PASS", "kl", "bounded"]]
     assert lines[-1].startswith("verdict FAIL")
+
+
+def test_an_ignored_finding_is_listed_dimmed_never_dropped():
+    report = _report()
+    report.checks[1].findings = [report.checks[1].findings[0].model_copy(update={"ignored": True})]
+    report.checks[1].verdict, report.checks[1].summary = Verdict.PASS, "z1 std 0.03 (1 ignored: scale.twice)"
+    lines = _render(report).splitlines()
+    assert any(re.match(r"ignored +scale\.twice +FAIL: applied twice", line) for line in lines)
+    assert "fix: apply it once" not in "\n".join(lines)
 
 
 def test_rows_the_live_display_printed_are_not_printed_again():
     report = _report()
     text = _render(report, shown=report.checks)
-    assert "applied twice" not in text and "bounded" not in text and "fmcheck x" not in text
+    assert text.count("applied twice") == 1 and "bounded" not in text and "fmcheck x" not in text
     assert "fix: apply it once" in text
     # a row that changed after its live line (under torchrun, the merge of the ranks) is printed
     merged = report.model_copy(deep=True)
     merged.checks[2].summary = "rank 1 of 2 (rank 0 pass): unbounded"
     text = _render(merged, shown=report.checks)
-    assert "rank 1 of 2" in text and "applied twice" not in text
+    assert "rank 1 of 2" in text and text.count("applied twice") == 1

@@ -95,7 +95,7 @@ def test_console_panel_shows_info_without_verdict_or_bound_and_a_short_title():
 
 
 def test_pytest_plugin_lines_show_no_empty_expectation():
-    from fmcheck.pytest_plugin import _measurement_line
+    from fmcheck.renderers.plain import measurement_line as _measurement_line
 
     assert _measurement_line(info("samples", 128, "samples")) == "  info  samples = 128 samples"
     assert _measurement_line(flag("finite", False)) == "  fail  finite = False"
