@@ -21,6 +21,9 @@ COMMANDS = {
     "fmcheck --help": [sys.executable, "-m", "fmcheck", "--help"],
     "fmcheck --version": [sys.executable, "-m", "fmcheck", "--version"],
     "fmcheck list": [sys.executable, "-m", "fmcheck", "list"],
+    "fmcheck list --codes": [sys.executable, "-m", "fmcheck", "list", "--codes"],
+    "fmcheck explain kl": [sys.executable, "-m", "fmcheck", "explain", "kl"],
+    "fmcheck explain scale.twice": [sys.executable, "-m", "fmcheck", "explain", "scale.twice"],
 }
 REFERENCES = {
     "import torch": [sys.executable, "-c", "import torch"],

@@ -159,3 +159,25 @@ def test_a_single_check_subcommand_takes_the_common_options():
     result = CliRunner().invoke(app, ["norms", "--help"])
     assert result.exit_code == 0, result.output
     assert "--module" in result.output and "--only" not in result.output
+
+
+@pytest.mark.parametrize("args", [["list"], ["list", "--codes"], ["explain", "kl"]])
+def test_list_and_explain_import_no_check_and_no_typer(args):
+    """They read the catalogue of built-in checks (checks/catalog.json): no check module, no pydantic model and no
+    Typer app is built just to print names (bench/startup.py measures the time this saves)."""
+    probe = ("import sys; from fmcheck.entry import main; main(%r); "
+             "print(sorted(m for m in sys.modules if m.startswith(('fmcheck.checks.', 'typer', 'torch')) "
+             "or m in ('fmcheck.api', 'fmcheck.report')))" % (args,))
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_list_and_explain_fall_back_to_the_full_cli_when_plugins_are_installed():
+    listed = cli("list")
+    assert listed.returncode == 0 and "t_rules" in listed.stdout  # a plugin's title needs its import
+    explained = cli("explain", "t_rules.far")
+    assert explained.returncode == 0 and "the ratio is far from 1" in explained.stdout

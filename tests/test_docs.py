@@ -21,6 +21,17 @@ def test_every_builtin_check_has_its_current_page_in_docs_checks():
             f"{page.relative_to(ROOT)} is stale: run python scripts/gen_docs.py"
 
 
+def test_the_catalogue_list_and_explain_read_is_current():
+    """checks/catalog.json is `python scripts/gen_docs.py` output: the built-in checks' ids, titles and codes."""
+    import json
+
+    from fmcheck import catalog
+
+    written = json.loads((ROOT / "checks" / catalog.FILE).read_text())
+    assert written == json.loads(catalog.dumps(catalog.build(discover()))), \
+        "checks/catalog.json is stale: run python scripts/gen_docs.py"
+
+
 def test_the_context_methods_plugins_md_names_exist():
     import inspect
 

@@ -60,7 +60,32 @@ def code_list(registry: Any, console: Console) -> None:
     console.print(table)
 
 
+def catalog_list(catalog: dict, console: Console) -> None:
+    """`fmcheck list` from the catalogue of built-in checks: the same table as :func:`check_list`."""
+    table = Table(title="fmcheck checks", title_justify="left")
+    for column in ("id", "title", "purpose", "from"):
+        table.add_column(column)
+    for check in catalog["checks"]:
+        table.add_row(check["id"], check["title"], check["purpose"], "fmcheck")
+    console.print(table)
+
+
+def catalog_codes(catalog: dict, console: Console) -> None:
+    """`fmcheck list --codes` from the catalogue: the same table as :func:`code_list`."""
+    table = Table(title="fmcheck finding codes", title_justify="left")
+    for column in ("code", "verdict", "finding"):
+        table.add_column(column)
+    for check in catalog["checks"]:
+        for rule in check["rules"]:
+            table.add_row(rule["code"], rule["verdict"].upper(), rule["title"])
+    console.print(table)
+
+
 def markdown(text: str, console: Console) -> None:
+    import re
+
     from rich.markdown import Markdown  # markdown-it only for `explain`: `list` stays light
 
-    console.print(Markdown(text))
+    # Code blocks print as plain text: loading a Pygments lexer to colour a five-line snippet takes longer than
+    # the rest of `explain` together.
+    console.print(Markdown(re.sub(r"^```[\w+-]+$", "```text", text, flags=re.M)))
