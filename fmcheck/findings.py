@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-from .isolate import describe
+from .isolate import capture, describe
 from .report import Finding, Value
 from .verdict import Verdict
 
@@ -85,20 +85,26 @@ def evaluate(rules: Sequence[Rule], evidence: Any, thresholds: Any) -> list[Find
     names a field its hit lacks) becomes one ERROR finding under its own code."""
     findings: list[Finding] = []
     for rule in rules:
-        try:
-            hits = rule.test(evidence, thresholds)
-            if hits is None:
-                continue
-            for hit in [hits] if isinstance(hits, Hit) else list(hits):
-                if hit.verdict is not None and hit.verdict not in (Verdict.FAIL, Verdict.WARN):
-                    raise ValueError(f"a hit concludes FAIL or WARN (got {hit.verdict})")
-                findings.append(rule.render(hit))
-        except Exception as exc:  # one rule's bug must not silence the others
+        outcome = capture(_fire, rule, evidence, thresholds)  # one rule's bug must not silence the others
+        if outcome.ok:
+            findings.extend(outcome.value)
+        else:
             findings.append(Finding(code=rule.code, verdict=Verdict.ERROR,
-                                    message=f"rule {rule.code} could not be judged: {describe(exc)}",
+                                    message=f"rule {rule.code} could not be judged: {describe(outcome.exc)}",
                                     fix="report this to the check's authors with the JSON report (--json); "
                                         "the other findings stand"))
     return findings
+
+
+def _fire(rule: Rule, evidence: Any, thresholds: Any) -> list[Finding]:
+    hits = rule.test(evidence, thresholds)
+    if hits is None:
+        return []
+    hits = [hits] if isinstance(hits, Hit) else list(hits)
+    for hit in hits:
+        if hit.verdict is not None and hit.verdict not in (Verdict.FAIL, Verdict.WARN):
+            raise ValueError(f"a hit concludes FAIL or WARN (got {hit.verdict})")
+    return [rule.render(hit) for hit in hits]
 
 
 def active(findings: Iterable[Finding]) -> list[Finding]:

@@ -17,7 +17,8 @@ PACKAGES = {"fmcheck": ROOT / "fmcheck", "fmcheck.checks": ROOT / "checks"}
 RULES = [
     ("typer", {"fmcheck/cli.py"}, "the command line is the only module that parses a command line"),
     ("rich", {"fmcheck/renderers/*"}, "only renderers draw on a terminal"),
-    ("fmcheck.renderers", {"fmcheck/renderers/*", "fmcheck/cli.py", "fmcheck/api_run.py", "fmcheck/pytest_plugin.py"},
+    ("fmcheck.renderers", {"fmcheck/renderers/*", "fmcheck/cli.py", "fmcheck/entry.py", "fmcheck/api_run.py",
+                           "fmcheck/pytest_plugin.py"},
      "the runner returns data; the front ends (CLI, Python API, pytest plugin) hand it to the renderers"),
 ]
 
