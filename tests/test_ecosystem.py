@@ -89,6 +89,13 @@ def test_example_plugin_installs_and_joins_list_and_reports(tmp_path):
     check = json.loads(result.stdout)["checks"][0]
     assert check["id"] == "time_coverage" and check["verdict"] == "pass", check
     assert result.returncode == 0
+    # its rules are addressable like fmcheck's own: tight thresholds fire them, --ignore lists them as ignored
+    tight = run_cli("all", "--module", "tiny:build", "--only", "time_coverage", "--set", "time_coverage.min_span=1.5",
+                    "--ignore", "time_coverage.gap", "--json", "-", extra_path=(target,))
+    findings = json.loads(tight.stdout)["checks"][0]["findings"]
+    assert [f["code"] for f in findings] == ["time_coverage.narrow"] and tight.returncode == 0
+    explained = run_cli("explain", "time_coverage.narrow", extra_path=(target,))
+    assert explained.returncode == 0 and "part of [0, 1]" in explained.stdout
 
 
 def test_init_writes_a_template_and_refuses_to_overwrite(tmp_path):

@@ -4,12 +4,40 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from fmcheck import Check, CheckDoc, Judgement, Skip, Thresholds, judges
+from fmcheck import Check, CheckDoc, Hit, Rule, Skip, Thresholds, Verdict, judges
 
 
 class TimeCoverageThresholds(Thresholds):
     min_span: float = Field(0.8, description="t must span at least this share of [0, 1] over the sampled batches")
     min_bin_share: float = Field(0.02, description="every tenth of [0, 1] must hold at least this share of t samples")
+
+
+def _narrow(obs, th):
+    if obs["span"] < th.min_span:
+        return Hit.of(obs["span"], f">= {th.min_span:g}", "of [0, 1]")
+    return None
+
+
+def _gap(obs, th):
+    if obs["min_bin_share"] < th.min_bin_share:
+        return Hit.of(obs["min_bin_share"], f">= {th.min_bin_share:g}", "share")
+    return None
+
+
+RULES = (
+    Rule("time_coverage.narrow", Verdict.WARN, "t spans only part of [0, 1]",
+         message="t spans {observed} of [0, 1] (expected {bound}): part of the path is never trained",
+         fix="sample t over all of [0, 1] (uniform, logit-normal: any density positive on the whole interval)",
+         test=_narrow,
+         doc="The span max(t) - min(t) of the t values the step draws over the measured batches, after dividing "
+             "timestep units (max > 1.5) by 1000. The velocity field is learned only where t is sampled."),
+    Rule("time_coverage.gap", Verdict.WARN, "a tenth of [0, 1] is (almost) never sampled",
+         message="the emptiest tenth of [0, 1] holds {observed} of the t samples (expected {bound})",
+         fix="check the t sampler's density: it must not vanish on part of [0, 1]",
+         test=_gap,
+         doc="The share of t samples in the emptiest tenth of [0, 1]. A logit-normal density with a large scale, "
+             "or a mode-seeking sampler, can starve one end; a gap there leaves that part of the path untrained."),
+)
 
 
 class TimeCoverageCheck(Check):
@@ -28,6 +56,7 @@ class TimeCoverageCheck(Check):
     requires_outputs = ("t",)
     Thresholds = TimeCoverageThresholds
     order = 90
+    rules = RULES
 
     def measure(self, ctx):
         import torch
@@ -48,7 +77,5 @@ class TimeCoverageCheck(Check):
                             unit="share"),
             judges.info("t samples", obs["samples"]),
         ]
-        bad = any(m.verdict != "pass" for m in measurements)
-        summary = (f"t spans {obs['span']:.2f} of [0,1]; emptiest tenth holds {obs['min_bin_share']:.1%}"
-                   + (" — part of the path is never trained" if bad else ""))
-        return Judgement(measurements, summary, hint="sample t over all of [0, 1]" if bad else None)
+        passed = f"t spans {obs['span']:.2f} of [0,1]; emptiest tenth holds {obs['min_bin_share']:.1%}"
+        return self.conclude(obs, th, measurements, passed)
