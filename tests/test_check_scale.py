@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from fmcheck.checks import _scale_math as sm
-from fmcheck.checks.scale import ScaleCheck, VaeRecorder
+from fmcheck.checks.scale import ScaleCheck
+from fmcheck.checks.scale import maths as sm
+from fmcheck.checks.scale.recorder import VaeRecorder
 from fmcheck.config import Settings
 from fmcheck.contract import coerce
 from fmcheck.errors import UsageError
@@ -576,11 +577,11 @@ def image_folder(tmp_path_factory):
 
 
 def standalone(folder, **options):
-    from fmcheck.checks import _scale_standalone
+    from fmcheck.checks.scale import standalone as command
 
     options.setdefault("images", None)
     options.setdefault("resolution", None)
-    return _scale_standalone.run(str(folder), settings=Settings(), **options).checks[0]
+    return command.run(str(folder), settings=Settings(), **options).checks[0]
 
 
 def test_standalone_recommends_a_factor_that_gives_unit_std(vae_folder, image_folder, tmp_path):
