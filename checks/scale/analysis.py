@@ -17,7 +17,6 @@ from . import maths as sm
 from .evidence import IDENTICAL, ConfigFit, Evidence, HalfProbe, RoundTrip, Sampling, Transform
 
 EXACT = 1e-3  # unexplained variance share under which z1 is an exact affine map of a raw latent
-PIPELINE_ADVICE = "`fmcheck scale --vae DIR` recommends them; then re-check encode and decode"
 
 
 def analyse(obs: dict[str, Any], t: Any) -> Evidence:
@@ -32,7 +31,7 @@ def analyse(obs: dict[str, Any], t: Any) -> Evidence:
     unexplained = mean_fit.unexplained() if source == "unexplained" and mean_fit is not None else math.nan
     half = obs["half"]
     return Evidence(
-        config=config_fit(cfg, samples, obs["images"], PIPELINE_ADVICE),
+        config=config_fit(cfg, samples, obs["images"]),
         transform=transform,
         sampling=Sampling(source, sigma_rel, obs["repeat_diff"], unexplained),
         round_trip=round_trip(obs["round_trip"], t, cfg, ident),
@@ -41,13 +40,13 @@ def analyse(obs: dict[str, Any], t: Any) -> Evidence:
     )
 
 
-def config_fit(cfg: sm.Configured, samples: sm.Moments, images: int, advice: str) -> ConfigFit:
+def config_fit(cfg: sm.Configured, samples: sm.Moments, images: int, snippet: str = "") -> ConfigFit:
     """The configured transform on posterior samples of this VAE: the std and mean latents get under it."""
     under = samples.mapped(cfg.map())
     raw_std = samples.overall_std()
     return ConfigFit(formula=cfg.formula(), std=under.overall_std(), mean=under.overall_mean(),
                      raw_mean=samples.overall_mean(), recommended_scale=1 / raw_std if raw_std > 0 else math.inf,
-                     images=images, advice=advice)
+                     images=images, snippet=snippet)
 
 
 def half_probe(half: Optional[dict[str, Any]]) -> Optional[HalfProbe]:

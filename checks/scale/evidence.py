@@ -52,7 +52,7 @@ class Transform:
 @dataclass(frozen=True)
 class ConfigFit:
     """How the VAE's configured transform fits this VAE's latents: their std (and mean) under it, and what the raw
-    latents imply instead. ``advice`` says where the measured values are (the standalone command, or its snippet)."""
+    latents imply instead. ``snippet``: the config lines to paste (`fmcheck scale --vae` computes them), or empty."""
 
     formula: str
     std: float
@@ -60,7 +60,7 @@ class ConfigFit:
     raw_mean: float
     recommended_scale: float
     images: int
-    advice: str
+    snippet: str = ""
 
 
 @dataclass(frozen=True)

@@ -186,7 +186,11 @@ def _config_std_off(ev: Evidence, t: ScaleThresholds) -> Optional[Hit]:
         return None
     verdict = WARN if math.isfinite(c.std) and c.std > 0 and max(c.std, 1 / c.std) <= t.config_std_fail else FAIL
     return Hit.of(c.std, bound=f"{1 / t.config_std_warn:.3g}..{t.config_std_warn:g}", verdict=verdict,
-                  formula=c.formula, images=c.images, recommended=f"{c.recommended_scale:.4g}", advice=c.advice)
+                  formula=c.formula, images=c.images, recommended=f"{c.recommended_scale:.4g}", snippet=_snippet(c))
+
+
+def _snippet(c) -> str:
+    return f"; {c.snippet}" if c.snippet else ""
 
 
 def _config_mean_off(ev: Evidence, t: ScaleThresholds) -> Optional[Hit]:
@@ -197,10 +201,11 @@ def _config_mean_off(ev: Evidence, t: ScaleThresholds) -> Optional[Hit]:
     if math.isfinite(relative) and relative <= MEAN_WARN:
         return None
     return Hit.of(relative, bound=f"<= {MEAN_WARN:g}", unit="std", verdict=WARN if math.isfinite(relative) else FAIL,
-                  mean=f"{c.mean:.3g}", shift=f"{c.raw_mean:.4g}", advice=c.advice)
+                  mean=f"{c.mean:.3g}", shift=f"{c.raw_mean:.4g}", snippet=_snippet(c))
 
 
-CONFIG_FIX = "set the VAE config's scaling_factor (and shift_factor) to the values measured on this VAE: {advice}"
+CONFIG_FIX = ("put the values measured on this VAE in its config (scaling_factor, shift_factor: `fmcheck scale --vae DIR` "
+              "prints them), then re-check encode and decode{snippet}")
 
 CONFIG_RULES = (
     Rule("scale.config_std_off", FAIL, "The configured scaling does not fit this VAE: latents are not unit std",

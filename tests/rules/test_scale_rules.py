@@ -18,8 +18,7 @@ from fmcheck.verdict import Verdict
 FAIL, WARN = Verdict.FAIL, Verdict.WARN
 T = ScaleThresholds()
 FORMULA = "z = x * 0.18215"
-CONFIG = ConfigFit(formula=FORMULA, std=1.02, mean=0.01, raw_mean=0.3, recommended_scale=0.1786, images=64,
-                   advice="`fmcheck scale --vae DIR` recommends them")
+CONFIG = ConfigFit(formula=FORMULA, std=1.02, mean=0.01, raw_mean=0.3, recommended_scale=0.1786, images=64)
 ONCE = Transform(best="once", label="scaling applied once (the configured transform)", matches_correct=True,
                  matches_other=False, distance=0.002, tolerance=0.01, formula=FORMULA,
                  description=f"z1 = 0.1822 x, config: {FORMULA}", z1_std=1.02, z1_mean=0.01, raw_std=5.6,
@@ -117,13 +116,13 @@ def test_config_std_off(std, verdict):
 def test_config_std_off_says_the_recommended_factor_and_where_to_find_it():
     finding = message(evidence(config=replace(CONFIG, std=0.2)), "scale.config_std_off")
     assert "std 0.2 on 64 images" in finding.message and "recommended scaling_factor 0.1786" in finding.message
-    assert "`fmcheck scale --vae DIR`" in finding.fix
+    assert "`fmcheck scale --vae DIR`" in finding.fix and finding.fix.endswith("re-check encode and decode")
 
 
 def test_config_mean_off_is_the_standalone_commands():
     off = evidence(config=replace(CONFIG, mean=0.6, std=1.0))
     assert found(off) == {}  # with a pipeline the transform rules judge the shift
-    standalone = Evidence(config=replace(CONFIG, mean=0.6, std=1.0, advice='"shift_factor": 0.3'), standalone=True)
+    standalone = Evidence(config=replace(CONFIG, mean=0.6, std=1.0, snippet='"shift_factor": 0.3'), standalone=True)
     assert found(standalone, rules=STANDALONE_RULES) == {"scale.config_mean_off": WARN}
     finding = message(standalone, "scale.config_mean_off", rules=STANDALONE_RULES)
     assert "recommended shift_factor 0.3" in finding.message and '"shift_factor": 0.3' in finding.fix
