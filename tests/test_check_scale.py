@@ -14,6 +14,7 @@ import torch
 from conftest import run_cli
 from fmcheck.checks.scale import ScaleCheck
 from fmcheck.checks.scale import maths as sm
+from fmcheck.checks.scale import tensors
 from fmcheck.checks.scale.recorder import VaeRecorder
 from fmcheck.config import Settings
 from fmcheck.contract import coerce
@@ -118,11 +119,11 @@ def test_affine_fit_recovers_slopes_and_offsets_per_channel():
     x = torch.randn(64, 3, 5, 5, generator=gen) * torch.tensor([1.0, 2.0, 5.0]).view(1, 3, 1, 1)
     slope, offset = torch.tensor([0.5, -2.0, 0.1]), torch.tensor([0.0, 1.0, -0.3])
     y = x * slope.view(1, 3, 1, 1) + offset.view(1, 3, 1, 1)
-    fit = sm.fit(x, y, 3)
+    fit = tensors.fit(x, y, 3)
     assert fit.per_channel.slope == pytest.approx(slope.tolist(), abs=1e-6)
     assert fit.per_channel.offset == pytest.approx(offset.tolist(), abs=1e-6)
     assert fit.unexplained() < 1e-10
-    noisy = sm.fit(x, y + 0.5 * torch.randn(y.shape, generator=gen), 3)
+    noisy = tensors.fit(x, y + 0.5 * torch.randn(y.shape, generator=gen), 3)
     assert noisy.per_channel.slope == pytest.approx(slope.tolist(), abs=0.05)
     assert noisy.unexplained() > 0.01 and noisy.map_standard_error() > 0
 
@@ -137,7 +138,7 @@ def test_recommendation_and_psnr():
     assert shifted.shift_factor == pytest.approx(3.0) and not shifted.per_channel_advised
     x = torch.zeros(2, 1, 4, 4)
     x[0] = 1.0
-    assert sm.psnr(x, x + 0.1) == pytest.approx(20.0)  # peak 1, mse 0.01
+    assert tensors.psnr(x, x + 0.1) == pytest.approx(20.0)  # peak 1, mse 0.01
 
 
 # ----------------------------------------------------------------------------------------- synthetic pipelines

@@ -22,6 +22,7 @@ def measure(ctx) -> dict[str, Any]:
     import torch
 
     from . import maths as sm
+    from . import tensors as tn
 
     pipeline = ctx.pipeline
     vae = pipeline.vae
@@ -53,7 +54,7 @@ def measure(ctx) -> dict[str, Any]:
     repeat_n = min(REPEAT_IMAGES, z1s[0].shape[0])
     z1_again = _tensor_from(pipeline.encode(_head(pixels[0], repeat_n)), "encode").detach()
     first = z1s[0][:repeat_n]
-    repeat_diff = sm.relative_rms(z1_again.to(first.device), first) if z1_again.shape == first.shape else None
+    repeat_diff = tn.relative_rms(z1_again.to(first.device), first) if z1_again.shape == first.shape else None
     ctx.progress(len(pixels) + 1, total, stage="decode")
 
     mean = torch.cat([r.mean for r, _ in raws])
@@ -62,17 +63,17 @@ def measure(ctx) -> dict[str, Any]:
     sample = torch.cat(samples) if all(s is not None for s in samples) else None
     z1_all = torch.cat([z.to(mean.device) for z in z1s])
     channels = int(mean.shape[1])
-    mu_mean, mu_var = sm.moments_of(mean, channels)
-    sigma2 = sm.channels_first(std, channels).pow(2).mean(1)
+    mu_mean, mu_var = tn.moments_of(mean, channels)
+    sigma2 = tn.channels_first(std, channels).pow(2).mean(1)
     z1_flat = z1_all.detach().float()
     z1_stats = torch.stack([z1_flat.mean(), z1_flat.std(unbiased=False), z1_flat.abs().max()])
-    z1_aligned = sm.align(z1_all, mean)
+    z1_aligned = tn.align(z1_all, mean)
     fits: dict[str, Any] = {}
     if z1_aligned is not None:
-        fits["mean"] = sm.fit(mean, z1_aligned, channels)
+        fits["mean"] = tn.fit(mean, z1_aligned, channels)
         if sample is not None:
-            fits["sample"] = sm.fit(sample, z1_aligned, channels)
-    z1_channel_std = sm.moments_of(z1_aligned, channels)[1].sqrt() if z1_aligned is not None else None
+            fits["sample"] = tn.fit(sample, z1_aligned, channels)
+    z1_channel_std = tn.moments_of(z1_aligned, channels)[1].sqrt() if z1_aligned is not None else None
 
     # 3. Round trip on a few images: what does decode hand vae.decode?
     round_trip = None
@@ -120,7 +121,7 @@ def measure(ctx) -> dict[str, Any]:
 
 
 def _round_trip(pipeline, vae, z1, raw, px, channels: int) -> dict[str, Any]:
-    from . import maths as sm
+    from . import tensors as tn
 
     n = min(ROUND_TRIP_IMAGES, z1.shape[0])
     z1 = z1[:n]
@@ -133,19 +134,19 @@ def _round_trip(pipeline, vae, z1, raw, px, channels: int) -> dict[str, Any]:
                               "pixel_error": None, "decoded": decoded is not None}
     reference = _head(px, n)
     if decoded is not None and decoded.shape == reference.shape:
-        result["psnr"] = sm.psnr(reference, decoded)
+        result["psnr"] = tn.psnr(reference, decoded)
     raw_mean = raw.mean[:n]
-    z_dec = sm.align(z_dec.to(raw_mean.device), raw_mean) if z_dec is not None else None
+    z_dec = tn.align(z_dec.to(raw_mean.device), raw_mean) if z_dec is not None else None
     result["capture"] = z_dec is not None
     if z_dec is not None:
         # The composite map raw latent -> what decode hands vae.decode (identity when decode inverts encode),
         # from the mean and, when recorded, from the very sample encode used.
-        result["fits"]["mean"] = sm.fit(raw_mean, z_dec, channels)
+        result["fits"]["mean"] = tn.fit(raw_mean, z_dec, channels)
         if source is not None:
-            result["fits"]["sample"] = sm.fit(source, z_dec, channels)
-        aligned = sm.align(z1.to(z_dec.device), z_dec)
+            result["fits"]["sample"] = tn.fit(source, z_dec, channels)
+        aligned = tn.align(z1.to(z_dec.device), z_dec)
         if aligned is not None:
-            result["decode_fit"] = sm.fit(aligned, z_dec, channels)
+            result["decode_fit"] = tn.fit(aligned, z_dec, channels)
     elif decoded is not None:
         # decode bypasses vae.decode: compare its pixels with the VAE's own decode of the raw latent.
         import torch
@@ -154,7 +155,7 @@ def _round_trip(pipeline, vae, z1, raw, px, channels: int) -> dict[str, Any]:
         with torch.no_grad():
             own = _pixels_from(vae.decode(latent.to(_vae_dtype(vae))))
         if own is not None and own.shape == decoded.shape:
-            result["pixel_error"] = sm.relative_rms(decoded.to(own.device).float(), own.float())
+            result["pixel_error"] = tn.relative_rms(decoded.to(own.device).float(), own.float())
     return result
 
 
@@ -255,7 +256,7 @@ def _half_probe(vae, px, reference_mean) -> Optional[dict[str, Any]]:
                           torch.isfinite(decoded).all() if decoded is not None else torch.tensor(True)]).cpu().tolist()
     error = None
     if finite[0] and mean.shape == reference_mean.shape:
-        from .maths import relative_rms
+        from .tensors import relative_rms
 
         error = relative_rms(mean.float().to(reference_mean.device), reference_mean.float())
     del probe

@@ -220,7 +220,7 @@ def measure(vae, pixels) -> dict[str, Any]:
     """Raw posterior statistics of the VAE on the pixels, a round trip of a few images and a float16 probe."""
     import torch
 
-    from . import maths as sm
+    from . import tensors as tn
     from .measure import _half_probe, _pixels_from
 
     param = next(iter(vae.parameters()))
@@ -239,11 +239,11 @@ def measure(vae, pixels) -> dict[str, Any]:
     if decoded is not None and video:
         decoded = decoded[:, :, 0]
     channels = int(mean.shape[1])
-    mu_mean, mu_var = sm.moments_of(mean, channels)
-    sigma2 = sm.channels_first(std, channels).pow(2).mean(1)
+    mu_mean, mu_var = tn.moments_of(mean, channels)
+    sigma2 = tn.channels_first(std, channels).pow(2).mean(1)
     numbers = torch.stack([mu_mean, mu_var, sigma2]).cpu().tolist()
     reference = pixels[:n].to(device)
-    psnr = sm.psnr(reference, decoded) if decoded is not None and decoded.shape == reference.shape else None
+    psnr = tn.psnr(reference, decoded) if decoded is not None and decoded.shape == reference.shape else None
     probe_pixels = pixels[:4].to(device, dtype)
     half = _half_probe(vae, probe_pixels[:, :, None] if video else probe_pixels, mean[:4])
     return {"channels": channels, "latent_shape": list(mean.shape[1:]), "mu_mean": numbers[0], "mu_var": numbers[1],
