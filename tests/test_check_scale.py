@@ -267,7 +267,18 @@ def check(settings: Settings | None = None, **options):
 
 
 def codes(result) -> set[str]:
+    assert_backed(result)
     return {f.code for f in result.findings}
+
+
+def assert_backed(result) -> None:
+    """Every judged measurement that did not pass is backed by a finding with its verdict (one policy: the
+    measurements table and the findings say the same)."""
+    verdicts = {f.verdict for f in result.findings}
+    for m in result.measurements:
+        if m.verdict not in (None, Verdict.PASS):
+            assert m.verdict in verdicts, (m.name, m.verdict, [(f.code, f.verdict) for f in result.findings])
+    assert result.verdict is Verdict.worst([Verdict.PASS, *(m.verdict for m in result.measurements if m.verdict)])
 
 
 def value(result, name):
@@ -576,6 +587,7 @@ def test_digits_fixtures_are_diagnosed_by_name_with_the_number(module):
     assert result.verdict.value == verdict, result.summary
     assert words in result.summary
     assert [f.code for f in result.findings][:1] == ([FIXTURE_CODES[module]] if FIXTURE_CODES[module] else [])
+    assert_backed(result)
     shown = float(re.search(pattern, result.summary).group(1))
     if expected is None:  # the posterior sigma, relative to the latent's std: above the threshold, well below 1
         assert ScaleCheck.Thresholds().sigma_negligible <= shown < 0.5
@@ -605,12 +617,12 @@ def image_folder(tmp_path_factory):
     return folder
 
 
-def standalone(folder, **options):
+def standalone(folder, settings: Settings | None = None, **options):
     from fmcheck.checks.scale import standalone as command
 
     options.setdefault("images", None)
     options.setdefault("resolution", None)
-    return command.run(str(folder), settings=Settings(), **options).checks[0]
+    return command.run(str(folder), settings=settings or Settings(), **options).checks[0]
 
 
 def test_standalone_recommends_a_factor_that_gives_unit_std(vae_folder, image_folder, tmp_path):
@@ -641,6 +653,10 @@ def test_standalone_recommends_a_factor_that_gives_unit_std(vae_folder, image_fo
     assert [f.code for f in wrong.findings] == ["scale.config_std_off"]
     assert wrong.findings[0].observed == pytest.approx(0.1, rel=1e-3)  # 10x off: std 0.1
     assert wrong.details["config_snippet"] in wrong.hint
+    # its finding is addressable: ignored, it is listed and no longer counts
+    ignored = standalone(edited, Settings(ignore=["scale.config_std_off"]), images=str(image_folder))
+    assert ignored.verdict is Verdict.PASS and [f.ignored for f in ignored.findings] == [True]
+    assert "1 ignored: scale.config_std_off" in ignored.summary
 
 
 def test_standalone_default_images_are_sample_photo_tiles(vae_folder):
