@@ -282,6 +282,7 @@ def bench_scale(pipeline: dict, device: str, repeats: int) -> dict:
     pixels = [wrapped.pixels_of(b) for b in batches]
     images = sum(px.shape[0] for px in pixels)
     thresholds = ScaleCheck.Thresholds(**ctx.settings.thresholds.get("scale", {}))
+    ctx.thresholds = thresholds  # what the runner hands measure
 
     def plain() -> tuple[float, float]:
         latents: list = []
@@ -297,12 +298,14 @@ def bench_scale(pipeline: dict, device: str, repeats: int) -> dict:
     for _ in range(repeats):
         plains.append(plain())
         checks.append(timed(device, lambda: judgements.append(check())))
-    judgement = judgements[-1]
+    from fmcheck.findings import conclude
+
+    verdict, summary, _ = conclude(judgements[-1].findings, judgements[-1].summary)
     encode_s, decode_s = median(p[0] for p in plains), median(p[1] for p in plains)
     return {"images": images, "plain_s": median(sum(p) for p in plains), "check_s": median(checks),
             "encode_ms_per_image": 1000 * encode_s / images, "decode_ms_per_image": 1000 * decode_s / images,
             "plain_runs_s": [round(sum(p), 4) for p in plains], "check_runs_s": [round(c, 4) for c in checks],
-            "verdict": judgement.final_verdict().value, "summary": judgement.summary}
+            "verdict": verdict.value, "summary": summary}
 
 
 def bench_overfit_overhead(pipeline: dict, device: str, steps: int, repeats: int) -> dict:

@@ -77,6 +77,7 @@ def main() -> None:
     def check(name: str) -> float:
         ctx = contexts[name]
         thresholds = ScaleCheck.Thresholds(**ctx.settings.thresholds.get("scale", {}))
+        ctx.thresholds = thresholds  # what the runner hands measure
         sync()
         start = time.perf_counter()
         ScaleCheck().judge(ScaleCheck().measure(ctx), thresholds)

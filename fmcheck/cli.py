@@ -296,16 +296,16 @@ def _execute_scale_vae(vae: str, *, images: Optional[str], resolution: Optional[
         _check_outputs(json_path, junit)
         settings, origins = load_settings({"device": device, "seed": seed, "strict": strict or None, "debug": debug,
                                            "ignore": _ids(ignore)}, config, set_)
-        from .checks import _scale_standalone  # lazily: diffusers, PIL and scikit-learn only when used
+        from .checks.scale import standalone  # lazily: diffusers, PIL and scikit-learn only when used
 
         with status(human, f"scale --vae {vae}: loading and encoding"):
-            report = _scale_standalone.run(vae, images=images, resolution=resolution, settings=settings,
-                                           origins=origins)
+            report = standalone.run(vae, images=images, resolution=resolution, settings=settings,
+                                    origins=origins)
     except UsageError as exc:
         raise _fail_usage(exc, debug) from None
     render(report, human, verbose=verbose or debug)
     snippet = report.checks[0].details.get("config_snippet") if report.checks else None
-    if snippet and report.checks[0].hint != snippet:  # a non-PASS result already shows it as its fix
+    if snippet and snippet not in (report.checks[0].hint or ""):  # a non-PASS result already shows it in its fix
         plain(human, snippet)
     unwritten = _write_reports(report, json_path, junit, debug)
     if unwritten is not None:

@@ -291,10 +291,7 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
                          + (f" (did you mean '{close[0]}'? " if close else " (")
                          + f"known: {', '.join(sorted(registry.checks))})")
 
-    codes = known_codes(registry)
-    for code in settings.ignore:
-        if code not in codes:
-            raise UsageError(f"--ignore {code}: " + unknown_code(code, codes))
+    check_ignores(settings.ignore, registry)
     if settings.plot_dir:
         _check_plot_dir(settings.plot_dir)
     device = _resolve_device(pipeline, settings.device)
@@ -356,6 +353,14 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
 
         report = merge(all_gather(report))
     return report
+
+
+def check_ignores(ignored: Iterable[str], registry: Registry) -> None:
+    """Refuse an ignored code no check declares, before anything runs: a typo must not ignore nothing silently."""
+    codes = known_codes(registry)
+    for code in ignored:
+        if code not in codes:
+            raise UsageError(f"--ignore {code}: " + unknown_code(code, codes))
 
 
 def published(checks: Iterable[type[Check]], results: Iterable[CheckResult]) -> dict[str, Any]:

@@ -216,7 +216,7 @@ def test_scale_vae_with_an_id_that_is_not_cached_is_one_line(tmp_path, monkeypat
 
 def test_scale_vae_finds_a_cached_id_and_its_vae_subfolder(tmp_path, monkeypatch):
     """The cache layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
-    from fmcheck.checks._scale_standalone import locate
+    from fmcheck.checks.scale.standalone import locate
 
     repo = tmp_path / "hub" / "models--org--pipe"
     snapshot = repo / "snapshots" / ("a" * 40)

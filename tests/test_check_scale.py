@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from conftest import run_cli
-from fmcheck.checks import _scale_math as sm
-from fmcheck.checks.scale import ScaleCheck, VaeRecorder
+from fmcheck.checks.scale import ScaleCheck
+from fmcheck.checks.scale import maths as sm
+from fmcheck.checks.scale import tensors
+from fmcheck.checks.scale.recorder import VaeRecorder
 from fmcheck.config import Settings
 from fmcheck.contract import coerce
 from fmcheck.errors import UsageError
@@ -117,11 +119,11 @@ def test_affine_fit_recovers_slopes_and_offsets_per_channel():
     x = torch.randn(64, 3, 5, 5, generator=gen) * torch.tensor([1.0, 2.0, 5.0]).view(1, 3, 1, 1)
     slope, offset = torch.tensor([0.5, -2.0, 0.1]), torch.tensor([0.0, 1.0, -0.3])
     y = x * slope.view(1, 3, 1, 1) + offset.view(1, 3, 1, 1)
-    fit = sm.fit(x, y, 3)
+    fit = tensors.fit(x, y, 3)
     assert fit.per_channel.slope == pytest.approx(slope.tolist(), abs=1e-6)
     assert fit.per_channel.offset == pytest.approx(offset.tolist(), abs=1e-6)
     assert fit.unexplained() < 1e-10
-    noisy = sm.fit(x, y + 0.5 * torch.randn(y.shape, generator=gen), 3)
+    noisy = tensors.fit(x, y + 0.5 * torch.randn(y.shape, generator=gen), 3)
     assert noisy.per_channel.slope == pytest.approx(slope.tolist(), abs=0.05)
     assert noisy.unexplained() > 0.01 and noisy.map_standard_error() > 0
 
@@ -136,7 +138,7 @@ def test_recommendation_and_psnr():
     assert shifted.shift_factor == pytest.approx(3.0) and not shifted.per_channel_advised
     x = torch.zeros(2, 1, 4, 4)
     x[0] = 1.0
-    assert sm.psnr(x, x + 0.1) == pytest.approx(20.0)  # peak 1, mse 0.01
+    assert tensors.psnr(x, x + 0.1) == pytest.approx(20.0)  # peak 1, mse 0.01
 
 
 # ----------------------------------------------------------------------------------------- synthetic pipelines
@@ -264,6 +266,21 @@ def check(settings: Settings | None = None, **options):
     return run(coerce(pipeline(**options)), settings or Settings(), only=["scale"]).check("scale")
 
 
+def codes(result) -> set[str]:
+    assert_backed(result)
+    return {f.code for f in result.findings}
+
+
+def assert_backed(result) -> None:
+    """Every judged measurement that did not pass is backed by a finding with its verdict (one policy: the
+    measurements table and the findings say the same)."""
+    verdicts = {f.verdict for f in result.findings}
+    for m in result.measurements:
+        if m.verdict not in (None, Verdict.PASS):
+            assert m.verdict in verdicts, (m.name, m.verdict, [(f.code, f.verdict) for f in result.findings])
+    assert result.verdict is Verdict.worst([Verdict.PASS, *(m.verdict for m in result.measurements if m.verdict)])
+
+
 def value(result, name):
     return next(m for m in result.measurements if m.name == name).value
 
@@ -289,6 +306,7 @@ def test_wrong_scaling_fails_and_is_named_on_each_config_kind(kind, mistake, key
     result = check(kind=kind, encode=mistake)
     assert result.verdict is Verdict.FAIL, result.summary
     assert value(result, "z1 transform") == key
+    assert f"scale.{mistake}" in codes(result)
     label = {"twice": "applied twice", "missing": "scaling missing", "inverted": "inverted"}[mistake]
     assert label in result.summary
     # the number that shows it: the slope against the configured one is s, 1/s or 1/s^2 (mean over channels)
@@ -310,6 +328,7 @@ def test_an_ignored_shift_mean_or_std_fails(kind, mistake, key, words):
     result = check(kind=kind, encode=mistake)
     assert result.verdict is Verdict.FAIL, result.summary
     assert value(result, "z1 transform") == key
+    assert f"scale.{mistake}" in codes(result)
     assert words in result.summary
 
 
@@ -321,12 +340,14 @@ def test_decode_that_multiplies_fails_the_round_trip(kind):
     assert value(result, "round-trip error") > 0.5
     assert "decode is not the inverse of encode" in result.summary
     assert "multiplies instead of divides" in result.summary
+    assert codes(result) == {"scale.decode_multiplies"}
 
 
 def test_decode_without_unscaling_is_named():
     result = check(decode="none")
     assert result.verdict is Verdict.FAIL
     assert "no unscaling" in result.summary
+    assert codes(result) == {"scale.decode_unscale_missing"}
 
 
 def test_decode_that_bypasses_vae_decode_is_compared_in_pixels():
@@ -341,6 +362,7 @@ def test_the_posterior_mean_warns_and_the_seeds_case_fails():
     assert result.verdict is Verdict.WARN, result.summary
     assert value(result, "z1 source") == "posterior mean"
     assert "posterior mean" in result.summary and "not a sample" in result.summary
+    assert codes(result) == {"scale.mean_not_sample"}
     seed_case = check(latent="mean", encode="missing")
     assert seed_case.verdict is Verdict.FAIL
     assert "neither sampled nor scaled" in seed_case.summary
@@ -350,6 +372,7 @@ def test_fixed_noise_and_a_non_affine_z1_warn():
     fixed = check(latent="fixed_noise")
     assert fixed.verdict is Verdict.WARN, fixed.summary
     assert value(fixed, "z1 source") == "fixed-noise sample" and "same one every call" in fixed.summary
+    assert codes(fixed) == {"scale.fixed_noise"}
     squashed = check(encode="tanh")
     assert value(squashed, "z1 source") == "not affine"
     assert "not an affine map" in squashed.summary or squashed.verdict is Verdict.FAIL
@@ -427,18 +450,19 @@ def test_diffusers_default_factor_left_on_a_unit_std_vae():
     assert transform.value == "missing" and transform.verdict is Verdict.WARN
     assert value(result, "configured latent std") < 0.25
     assert result.verdict is Verdict.FAIL and "does not fit this VAE" in result.summary
+    assert {"scale.config_not_used", "scale.config_std_off"} <= codes(result)
 
 
-def test_health_vae_in_optimizer_and_train_mode():
+def test_the_vaes_frozen_module_hygiene_is_structures_not_scales():
+    # A VAE in train mode, requiring grad and in the optimizer: the `structure` check owns that cause (for every
+    # frozen module); scale judges only the scaling, which is correct here.
     p = pipeline()
     vae = p["vae"]
     vae.train().requires_grad_(True)
     p["optimizer"] = torch.optim.SGD([*p["trainable"]["head"].parameters(), *vae.parameters()], lr=0.1)
     result = run(coerce(p), Settings(), only=["scale"]).check("scale")
-    assert result.verdict is Verdict.FAIL
-    assert value(result, "VAE parameters in the optimizer") > 0
-    assert value(result, "VAE submodules in train mode") > 0
-    assert value(result, "VAE parameters requiring grad") > 0
+    assert result.verdict is Verdict.PASS, result.summary
+    assert not any(m.name.startswith("VAE parameters") for m in result.measurements)
     assert vae.training  # the runner restores the user's modes
 
 
@@ -449,6 +473,7 @@ def test_half_probe_reports_overflow():
     result = run(coerce(p), Settings(), only=["scale"]).check("scale")
     assert value(result, "float16 probe finite") is False
     assert "float16" in result.summary or "float16" in (result.hint or "")
+    assert "scale.half_overflow" in codes(result)
     off = run(coerce(p), Settings(thresholds={"scale": {"half_probe": "off"}}), only=["scale"]).check("scale")
     assert all(m.name != "float16 probe finite" for m in off.measurements)
 
@@ -458,6 +483,7 @@ def test_pixels_in_zero_one_warn():
     p["batches"] = [{"pixels": (b["pixels"] + 1) / 2} for b in p["batches"]]
     result = run(coerce(p), Settings(), only=["scale"]).check("scale")
     assert any(m.name == "VAE input range" and m.verdict is Verdict.WARN for m in result.measurements)
+    assert codes(result) == {"scale.pixels_0_1"}
 
 
 def test_skips_without_vae_or_encode(tiny_pipeline):
@@ -535,6 +561,20 @@ SCALE_FIXTURES = {
     "fixtures.digits": ("pass", "applied once", r"z1 std ([\d.]+)", lambda s, m: 1.0),
 }
 
+# module -> the finding that names the bug (first: FAIL before WARN, in the rules' order); None for a correct one
+FIXTURE_CODES = {
+    "fixtures.bugs.scale_twice": "scale.twice",
+    "fixtures.bugs.scale_missing": "scale.missing",
+    "fixtures.bugs.scale_inverted": "scale.inverted",
+    "fixtures.bugs.scale_decode_not_inverse": "scale.decode_multiplies",
+    "fixtures.bugs.scale_shift_ignored": "scale.shift_ignored",
+    "fixtures.bugs.scale_mean_not_sample": "scale.mean_not_sample",
+    "fixtures.bugs.scale_seed_unsampled_unscaled": "scale.missing",
+    "fixtures.correct.scale_shifted_vae": None,
+    "fixtures.correct.scale_per_channel_vae": None,
+    "fixtures.digits": None,
+}
+
 
 @pytest.mark.parametrize("module", sorted(SCALE_FIXTURES))
 def test_digits_fixtures_are_diagnosed_by_name_with_the_number(module):
@@ -546,6 +586,8 @@ def test_digits_fixtures_are_diagnosed_by_name_with_the_number(module):
     result = run(load_pipeline(f"{module}:build"), Settings(), only=["scale"]).check("scale")
     assert result.verdict.value == verdict, result.summary
     assert words in result.summary
+    assert [f.code for f in result.findings][:1] == ([FIXTURE_CODES[module]] if FIXTURE_CODES[module] else [])
+    assert_backed(result)
     shown = float(re.search(pattern, result.summary).group(1))
     if expected is None:  # the posterior sigma, relative to the latent's std: above the threshold, well below 1
         assert ScaleCheck.Thresholds().sigma_negligible <= shown < 0.5
@@ -575,12 +617,12 @@ def image_folder(tmp_path_factory):
     return folder
 
 
-def standalone(folder, **options):
-    from fmcheck.checks import _scale_standalone
+def standalone(folder, settings: Settings | None = None, **options):
+    from fmcheck.checks.scale import standalone as command
 
     options.setdefault("images", None)
     options.setdefault("resolution", None)
-    return _scale_standalone.run(str(folder), settings=Settings(), **options).checks[0]
+    return command.run(str(folder), settings=settings or Settings(), **options).checks[0]
 
 
 def test_standalone_recommends_a_factor_that_gives_unit_std(vae_folder, image_folder, tmp_path):
@@ -608,7 +650,13 @@ def test_standalone_recommends_a_factor_that_gives_unit_std(vae_folder, image_fo
     (edited / "config.json").write_text(json.dumps(config))
     wrong = standalone(edited, images=str(image_folder))
     assert wrong.verdict is Verdict.FAIL and f"{recommended:.4g}" in wrong.summary
-    assert wrong.hint == wrong.details["config_snippet"]
+    assert [f.code for f in wrong.findings] == ["scale.config_std_off"]
+    assert wrong.findings[0].observed == pytest.approx(0.1, rel=1e-3)  # 10x off: std 0.1
+    assert wrong.details["config_snippet"] in wrong.hint
+    # its finding is addressable: ignored, it is listed and no longer counts
+    ignored = standalone(edited, Settings(ignore=["scale.config_std_off"]), images=str(image_folder))
+    assert ignored.verdict is Verdict.PASS and [f.ignored for f in ignored.findings] == [True]
+    assert "1 ignored: scale.config_std_off" in ignored.summary
 
 
 def test_standalone_default_images_are_sample_photo_tiles(vae_folder):

@@ -72,9 +72,9 @@ def test_the_walk_sees_function_level_and_relative_imports():
     cli = imports_of(ROOT / "fmcheck" / "cli.py", "fmcheck")
     assert "fmcheck.renderers.console" in cli  # imported inside _execute, relative (from .renderers.console)
     assert "typer" in cli
-    standalone = imports_of(ROOT / "checks" / "_scale_standalone.py", "fmcheck.checks")
-    assert "fmcheck.checks.scale" in standalone and "torch" in standalone  # inside run()
-    assert {"fmcheck/cli.py", "fmcheck/renderers/console.py", "checks/scale.py"} <= set(SOURCES)
+    standalone = imports_of(ROOT / "checks" / "scale" / "standalone.py", "fmcheck.checks.scale")
+    assert "fmcheck.checks.scale.ScaleCheck" in standalone and "torch" in standalone  # inside run()
+    assert {"fmcheck/cli.py", "fmcheck/renderers/console.py", "checks/scale/__init__.py"} <= set(SOURCES)
 
 
 @pytest.mark.parametrize("name, allowed, why", RULES, ids=[rule[0] for rule in RULES])

@@ -220,8 +220,8 @@ def measure(vae, pixels) -> dict[str, Any]:
     """Raw posterior statistics of the VAE on the pixels, a round trip of a few images and a float16 probe."""
     import torch
 
-    from . import _scale_math as sm
-    from .scale import _half_probe, _pixels_from
+    from . import tensors as tn
+    from .measure import _half_probe, _pixels_from
 
     param = next(iter(vae.parameters()))
     device, dtype = param.device, param.dtype
@@ -239,11 +239,11 @@ def measure(vae, pixels) -> dict[str, Any]:
     if decoded is not None and video:
         decoded = decoded[:, :, 0]
     channels = int(mean.shape[1])
-    mu_mean, mu_var = sm.moments_of(mean, channels)
-    sigma2 = sm.channels_first(std, channels).pow(2).mean(1)
+    mu_mean, mu_var = tn.moments_of(mean, channels)
+    sigma2 = tn.channels_first(std, channels).pow(2).mean(1)
     numbers = torch.stack([mu_mean, mu_var, sigma2]).cpu().tolist()
     reference = pixels[:n].to(device)
-    psnr = sm.psnr(reference, decoded) if decoded is not None and decoded.shape == reference.shape else None
+    psnr = tn.psnr(reference, decoded) if decoded is not None and decoded.shape == reference.shape else None
     probe_pixels = pixels[:4].to(device, dtype)
     half = _half_probe(vae, probe_pixels[:, :, None] if video else probe_pixels, mean[:4])
     return {"channels": channels, "latent_shape": list(mean.shape[1:]), "mu_mean": numbers[0], "mu_var": numbers[1],
@@ -254,32 +254,36 @@ def measure(vae, pixels) -> dict[str, Any]:
 
 
 def judge(obs: dict[str, Any], config: dict[str, Any], thresholds: Any, images: int, source: str) -> CheckResult:
-    from fmcheck.judges import at_most, flag, info, ratio_within
+    """The standalone result: the rules of the `scale` table that need no pipeline (the configuration, the float16
+    probe) on the same kind of evidence. Its findings carry the verdict (``run`` settles it, as the runner does)."""
+    from fmcheck.findings import evaluate
+    from fmcheck.judges import at_most, info, ratio_within
 
-    from . import _scale_math as sm
+    from . import maths as sm
+    from .analysis import config_fit, half_probe
+    from .evidence import Evidence
+    from .rules import MEAN_WARN, STANDALONE_RULES
 
     cfg = sm.Configured.from_config(config, obs["channels"])
     samples = sm.Moments(tuple(obs["mu_mean"]), tuple(obs["mu_var"])).plus_variance(obs["sigma2"])
     rec = sm.recommend(samples, images)
-    under = samples.mapped(cfg.map())
-    std, mean = under.overall_std(), under.overall_mean()
-    measurements: list[Measurement] = []
-    findings: list[tuple[Verdict, str]] = []
+    snippet = rec.snippet()
+    fit = config_fit(cfg, samples, images, snippet)
+    half = obs["half"] if thresholds.half_probe != "off" else None
+    evidence = Evidence(config=fit, half=half_probe(half), standalone=True)
+    findings = evaluate(STANDALONE_RULES, evidence, thresholds)
 
+    def verdict_of(code: str) -> Verdict:
+        return Verdict.worst([Verdict.PASS, *(f.verdict for f in findings if f.code == code)])
+
+    std, mean = fit.std, fit.mean
     m_std = ratio_within("configured latent std", std, warn_factor=thresholds.config_std_warn,
                          fail_factor=thresholds.config_std_fail, unit="")
-    m_mean = at_most("configured latent |mean| / std", abs(mean) / std if std > 0 else math.inf, warn=0.5,
+    m_mean = at_most("configured latent |mean| / std", abs(mean) / std if std > 0 else math.inf, warn=MEAN_WARN,
                      fail=None)
-    measurements += [m_std, m_mean]
-    if m_std.verdict is not Verdict.PASS:
-        findings.append((m_std.verdict, f"the configured transform ({cfg.formula()}) gives latents of std {std:.3g} "
-                                        f"on {images} images, not ~1: recommended scaling_factor "
-                                        f"{rec.scaling_factor:.4g}"))
-    if m_mean.verdict is not Verdict.PASS:
-        findings.append((m_mean.verdict, f"the configured transform leaves the latents' mean at {mean:.3g} "
-                                         f"({abs(mean) / std:.2g} std): recommended shift_factor "
-                                         f"{samples.overall_mean():.4g}"))
-    measurements += [
+    measurements: list[Measurement] = [
+        m_std.model_copy(update={"verdict": verdict_of("scale.config_std_off")}),
+        m_mean.model_copy(update={"verdict": verdict_of("scale.config_mean_off")}),
         info("images", images, "", source),
         info("raw latent std", samples.overall_std()),
         info("raw latent mean", samples.overall_mean()),
@@ -298,27 +302,11 @@ def judge(obs: dict[str, Any], config: dict[str, Any], thresholds: Any, images: 
         measurements.append(info("configured latents_mean/std", "per channel", "", cfg.formula()))
     if obs["psnr"] is not None:
         measurements.append(info("VAE round-trip PSNR", obs["psnr"], "dB", "reported, not judged"))
-    half = obs["half"]
-    if half is not None and thresholds.half_probe != "off":
-        ok = half["latent_finite"] and half["decode_finite"]
-        bad = Verdict.FAIL if thresholds.half_probe == "fail" else Verdict.WARN
-        m = flag("float16 probe finite", ok, value=ok, expected="True", bad=bad)
-        measurements.append(m)
-        if half["latent_error"] is not None:
-            measurements.append(info("float16 latent error", half["latent_error"], "rel. RMS"))
-        if not ok:
-            findings.append((m.verdict, "the VAE in float16 gives NaN/Inf on the probe images: keep it in float32"))
-    snippet = rec.snippet()
-    verdict = Verdict.worst(m.verdict for m in measurements)
-    if findings:
-        findings.sort(key=lambda f: -f[0].severity)
-        summary = findings[0][1] + (f" (+{len(findings) - 1} more findings)" if len(findings) > 1 else "")
-        hint = snippet
-    else:
-        summary = (f"the configured transform ({cfg.formula()}) gives latents of std {std:.3g}, mean {mean:.3g} on "
-                   f"{images} images; recommended scaling_factor {rec.scaling_factor:.4g}"
-                   + (f", shift_factor {rec.shift_factor:.4g}" if rec.shift_factor is not None else ""))
-        hint = None
+    if evidence.half is not None:
+        measurements.append(Measurement(name="float16 probe finite", value=evidence.half.finite, expected="True",
+                                        verdict=verdict_of("scale.half_overflow")))
+        if evidence.half.latent_error is not None:
+            measurements.append(info("float16 latent error", evidence.half.latent_error, "rel. RMS"))
     details = {"config_snippet": snippet, "images": {"count": images, "source": source},
                "configured": cfg.as_dict(),
                "recommended": {"scaling_factor": rec.scaling_factor, "shift_factor": rec.shift_factor,
@@ -328,8 +316,12 @@ def judge(obs: dict[str, Any], config: dict[str, Any], thresholds: Any, images: 
                        "latent_shape": obs["latent_shape"]}}
     if cfg.notes:
         details["notes"] = list(cfg.notes)
-    return CheckResult(id="scale", title="VAE latent scaling (standalone)", verdict=verdict, summary=summary,
-                       measurements=measurements, hint=hint, details=details)
+    # What the row says when no finding counts: what was measured.
+    summary = (f"the configured transform ({cfg.formula()}) gives latents of std {std:.3g}, mean {mean:.3g} on "
+               f"{images} images; recommended scaling_factor {rec.scaling_factor:.4g}"
+               + (f", shift_factor {rec.shift_factor:.4g}" if rec.shift_factor is not None else ""))
+    return CheckResult(id="scale", title="VAE latent scaling (standalone)", verdict=Verdict.PASS, summary=summary,
+                       measurements=measurements, details=details, findings=findings)
 
 
 # ---------------------------------------------------------------------------------------------------------- run
@@ -346,11 +338,13 @@ def run(vae_spec: str, *, images: Optional[str], resolution: Optional[int], sett
     from fmcheck.config import thresholds_for
     from fmcheck.isolate import capture, describe
     from fmcheck.report import Report, exit_code_for, overall_verdict
-    from fmcheck.runner import error_result
+    from fmcheck.registry import discover
+    from fmcheck.runner import check_ignores, error_result, settle
 
-    from .scale import ScaleCheck
+    from . import ScaleCheck
 
     thresholds = thresholds_for(ScaleCheck, settings, origins or {})
+    check_ignores(settings.ignore, discover())  # a config's ignore list may name any check's codes
     device = torch.device(settings.device or "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {settings.device}: CUDA is not available on this machine")
@@ -367,17 +361,15 @@ def run(vae_spec: str, *, images: Optional[str], resolution: Optional[int], sett
     judged = capture(judge, measured.value, dict(vae.config), thresholds, len(pixels), source) if measured.ok \
         else measured
     if judged.ok:
-        result = judged.value
+        result = settle(judged.value, judged.value.summary, settings.ignore, settings.strict)
         result.duration_s = time.perf_counter() - started
     else:
         result = error_result(ScaleCheck, judged.exc, settings.debug, time.perf_counter() - started)
         if measured.ok:
             result.summary = f"judging failed: {describe(judged.exc)}"
-    if settings.strict and result.verdict is Verdict.WARN:
-        result = result.model_copy(update={"verdict": Verdict.FAIL, "summary": f"{result.summary} [warn, --strict]"})
     results = [result]
     environment = Environment(python=platform.python_version(), torch=torch.__version__, device=str(device),
                               seed=settings.seed, platform=f"{platform.system()}-{platform.machine()}")
     return Report(fmcheck_version=_version.__version__, verdict=overall_verdict(results),
                   exit_code=int(exit_code_for(results)), environment=environment, pipeline=f"--vae {vae_spec}",
-                  strict=settings.strict, checks=results)
+                  strict=settings.strict, ignored=list(settings.ignore), checks=results)
