@@ -31,6 +31,7 @@ class ScaleCheck(Check):
     Thresholds = ScaleThresholds
     doc = DOC
     rules = RULES  # `scale --vae` judges a subset of the same table (rules.STANDALONE_RULES)
+    publishes = {"applied_scaling": "applied"}  # the scaling as applied: `fmcheck compare`'s fingerprint reads it
 
     def measure(self, ctx) -> dict[str, Any]:
         from .measure import measure

@@ -297,6 +297,16 @@ def _round_trip_verdict(ev: Evidence, t: ScaleThresholds) -> Optional[Verdict]:
     return WARN if rt.error > warn else None
 
 
+def _encode_verdict(ev: Evidence, t: ScaleThresholds) -> Verdict:
+    """The worst verdict the encode-side rules give on this evidence (PASS when none fires)."""
+    verdicts = [Verdict.PASS]
+    for rule in ENCODE_RULES:
+        hits = rule.test(ev, t)
+        for hit in [hits] if isinstance(hits, Hit) else list(hits or ()):
+            verdicts.append(hit.verdict or rule.verdict)
+    return Verdict.worst(verdicts)
+
+
 def _round_trip(decode: Optional[str]):
     """A round-trip rule: fires on a failing round trip whose decode map is ``decode`` (None: anything else)."""
 
@@ -308,6 +318,8 @@ def _round_trip(decode: Optional[str]):
         named = rt.decode if rt.decode in DECODE_KEYS else None
         if named != decode:
             return None
+        if decode == "inverse" and _encode_verdict(ev, t).severity >= verdict.severity:
+            return None  # encode's own finding names the cause of this failure: one cause, one finding
         feeds = "" if rt.slope is None else (f": decode(encode(x)) feeds vae.decode {rt.slope:.4g} x raw"
                                              f"{signed(rt.offset)} instead of the raw latent")
         return Hit.of(rt.error, bound=f"<= {max(t.round_trip_warn, rt.resolution):.3g}", unit="rel. RMS",
@@ -350,8 +362,9 @@ ROUND_TRIP_RULES = (
          "fix encode as the finding on z1's transform says; the round trip then closes",
          _round_trip("inverse"),
          "decode(encode(x)) does not hand vae.decode the raw latent encode started from, but decode's own map is the "
-         "configured inverse: encode's mistake (named by its own finding) is what breaks the round trip. Warns "
-         "beyond `round_trip_warn`, fails beyond `round_trip_fail`."),
+         "configured inverse: encode's deviation is what breaks the round trip. Reported only when no finding on "
+         "encode's side (scale.twice, scale.missing, ...) already names it at the same or a worse verdict: one "
+         "cause, one finding. Warns beyond `round_trip_warn`, fails beyond `round_trip_fail`."),
     Rule("scale.decode_not_inverse", FAIL, "decode is not the inverse of encode",
          NOT_INVERSE,
          "make decode the exact inverse of encode: vae.decode(z1 / scaling_factor + shift) (per channel: z1 * "

@@ -81,7 +81,10 @@ def measurements(obs: dict[str, Any], ev: Evidence, t: ScaleThresholds, findings
                          "0 for the posterior mean, > 0 for a sample"))
 
     # the round trip
-    rows += _round_trip_rows(obs, ev, t, judged("round_trip"), details)
+    # a round trip that fails because encode deviates is shown with the verdict of encode's finding, which names it
+    explained = ev.round_trip is not None and ev.round_trip.decode == "inverse"
+    rows += _round_trip_rows(obs, ev, t, Verdict.worst([judged("round_trip"), judged("transform")]) if explained
+                             else judged("round_trip"), details)
 
     # the VAE in float16, and the pixels it receives
     half = ev.half
