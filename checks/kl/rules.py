@@ -327,7 +327,7 @@ RULES = (
             "before the flow has learned anything. Needs total_steps. A constant small weight by design can raise "
             "`warmup_start_warn` to 1."),
     Rule(
-        code="kl.dominates", verdict=Verdict.WARN,
+        code="kl.dominates", verdict=Verdict.FAIL,
         title="the weighted KL dominates the FM loss",
         message="the weighted KL is {ratio}x fm_loss (expected {bound}): the KL term dominates and will crush the "
                 "head onto the prior",
@@ -338,7 +338,7 @@ RULES = (
             "`balance_warn` (10x) it warns, beyond `balance_fail` (100x) it fails: the KL gradient drowns the "
             "flow's, typically a KL summed over thousands of latent dims against a per-element MSE."),
     Rule(
-        code="kl.negligible", verdict=Verdict.WARN,
+        code="kl.negligible", verdict=Verdict.FAIL,
         title="the weighted KL is negligible next to the FM loss",
         message="the weighted KL is {smaller}x smaller than fm_loss (ratio {observed}, expected {bound})",
         fix="raise the KL weight or match the KL's normalisation to the FM loss",

@@ -161,7 +161,7 @@ RULES = (
             "is NaN or Inf. A non-finite latent has no units to compare; the `structure` check names the first "
             "output and batch that turns non-finite."),
     Rule(
-        code="norms.z1_scale", verdict=Verdict.WARN,
+        code="norms.z1_scale", verdict=Verdict.FAIL,
         title="x1 (the data latent) is off scale against x0",
         message="{head}: {bigger} is {larger}; v* = x1 - x0 is dominated by it",
         fix=RMS + "The data latent x1 is off scale: `fmcheck scale` compares z1 with the VAE's own latents and names "
@@ -172,7 +172,7 @@ RULES = (
             "farther from 1 (on a log scale) than x0's. Which scaling mistake it is, is `scale`'s to name. A "
             "source deliberately wider or narrower than the data can raise `ratio_warn` / `ratio_fail`."),
     Rule(
-        code="norms.z0_scale", verdict=Verdict.WARN,
+        code="norms.z0_scale", verdict=Verdict.FAIL,
         title="x0 (the text head's source) is off scale against x1",
         message="{head}: {bigger} is {larger}; v* = x1 - x0 is dominated by it",
         fix=RMS + "The source x0 is off scale: the text head's output (mu, sigma) sets it.{moments} " + NO_RATIO_FIX,
