@@ -177,6 +177,8 @@ def _posterior_collapse(ev: KLEvidence, th: KLThresholds):
 _PROBE_DOC = ("The stress probe locates the trainable module whose output produces logvar and pushes that output to "
               "+-(100 * o + 100) for one step each way (no autograd). ")
 
+# In the order the check measures them (and its summary lists them within a verdict): the step's own numbers,
+# the formula, the stress probe, the schedule, the balance, collapse.
 RULES = (
     Rule(
         code="kl.logvar_out_of_bound", verdict=Verdict.FAIL,
@@ -187,52 +189,6 @@ RULES = (
             "sigma between e^-10 and e^10). Beyond it the KL's -logvar and exp(logvar) terms are already huge or "
             "sigma is already meaningless, before any training. A head that truly needs a wider range can raise "
             "`logvar_bound`."),
-    Rule(
-        code="kl.stress_probe_not_run", verdict=Verdict.WARN,
-        title="the module producing logvar could not be located: the logvar bound is not probed",
-        message="stress probe not run: {reason}",
-        fix="return mu/logvar computed from a trainable module's output (e.g. the module 'head'), so the logvar "
-            "bound can be probed",
-        test=_not_probed,
-        doc=_PROBE_DOC + "This finding says no trainable module's output changes logvar when pushed: logvar is a "
-            "free nn.Parameter or is computed outside the trainable modules, so a missing bound cannot be seen "
-            "(an untrained head has |logvar| ~ 0.1). Expected for such a design: `--ignore kl.stress_probe_not_run`."),
-    Rule(
-        code="kl.stress_raised", verdict=Verdict.WARN,
-        title="the step raises when the head's outputs grow",
-        message="the step raised under the stress probe ({observed})",
-        fix="a step that raises when the head's outputs grow has no numeric bound on logvar; " + CLAMP_FIX,
-        test=_raised,
-        doc=_PROBE_DOC + "This finding says the step raised an AssertionError, FloatingPointError, OverflowError or "
-            "ValueError under the push (a NaN guard): the guard stops the run instead of keeping logvar bounded. "
-            "A pipeline that deliberately asserts on large activations may `--ignore kl.stress_raised`."),
-    Rule(
-        code="kl.unbounded", verdict=Verdict.FAIL,
-        title="logvar is unbounded: growing head outputs drive it past the bound",
-        message="logvar is unbounded: pushing {module} drives |logvar| to {observed} {unit} (expected {bound})",
-        fix=CLAMP_FIX, test=_unbounded,
-        doc=_PROBE_DOC + "The largest |logvar| over both pushes is held to `logvar_bound` (20 nats): a clamp to "
-            "[-6, 6] or 6 * tanh(logvar / 6) passes, a raw logvar reaches ~10^4. A bound wider than 20 nats by "
-            "design can raise `logvar_bound`."),
-    Rule(
-        code="kl.nonfinite_under_stress", verdict=Verdict.FAIL,
-        title="the KL becomes non-finite when the head's outputs grow",
-        message="the KL becomes non-finite under the stress probe (pushing {module}: kl {observed})",
-        fix=CLAMP_FIX, test=_nonfinite_under_stress,
-        doc=_PROBE_DOC + "Under each push the step's kl and the analytic KL of its mu and logvar must stay finite: "
-            "an exp(logvar) that overflows (logvar > 88 in float32) turns the loss into Inf/NaN mid-run. Bounding "
-            "logvar before the KL is computed fixes it."),
-    Rule(
-        code="kl.logvar_at_bound", verdict=Verdict.WARN,
-        title="a hard clamp holds most logvar values at the bound",
-        message="{share} of logvar values sit at the bound (share {observed}, warn above {bound})",
-        fix="the clamp holds most logvars (no gradient through a hard clamp): check the KL weight and what drives "
-            "sigma to the bound, or use a smooth bound (6 * tanh(logvar / 6))",
-        test=_at_bound,
-        doc="The share of the measured logvar values within 1% of the bound range the stress probe found (its "
-            "min and max under the push), judged when that bound is within `logvar_bound`. Above `at_bound_warn` "
-            "(0.5) a hard clamp holds most of them, and a clamped value passes no gradient. A narrow clamp by "
-            "design can raise `at_bound_warn`."),
     Rule(
         code="kl.nonfinite", verdict=Verdict.FAIL,
         title="the step's kl is not finite",
@@ -290,6 +246,52 @@ RULES = (
         doc="The reduction the step's `kl` matches sums over the batch (sum over everything, or a per-sample mean "
             "summed over the batch) while fm_loss, matched against the squared error of v_pred and v_target, does "
             "not. The KL's weight relative to the FM loss then changes with the batch size (and the GPU count)."),
+    Rule(
+        code="kl.stress_probe_not_run", verdict=Verdict.WARN,
+        title="the module producing logvar could not be located: the logvar bound is not probed",
+        message="stress probe not run: {reason}",
+        fix="return mu/logvar computed from a trainable module's output (e.g. the module 'head'), so the logvar "
+            "bound can be probed",
+        test=_not_probed,
+        doc=_PROBE_DOC + "This finding says no trainable module's output changes logvar when pushed: logvar is a "
+            "free nn.Parameter or is computed outside the trainable modules, so a missing bound cannot be seen "
+            "(an untrained head has |logvar| ~ 0.1). Expected for such a design: `--ignore kl.stress_probe_not_run`."),
+    Rule(
+        code="kl.stress_raised", verdict=Verdict.WARN,
+        title="the step raises when the head's outputs grow",
+        message="the step raised under the stress probe ({observed})",
+        fix="a step that raises when the head's outputs grow has no numeric bound on logvar; " + CLAMP_FIX,
+        test=_raised,
+        doc=_PROBE_DOC + "This finding says the step raised an AssertionError, FloatingPointError, OverflowError or "
+            "ValueError under the push (a NaN guard): the guard stops the run instead of keeping logvar bounded. "
+            "A pipeline that deliberately asserts on large activations may `--ignore kl.stress_raised`."),
+    Rule(
+        code="kl.unbounded", verdict=Verdict.FAIL,
+        title="logvar is unbounded: growing head outputs drive it past the bound",
+        message="logvar is unbounded: pushing {module} drives |logvar| to {observed} {unit} (expected {bound})",
+        fix=CLAMP_FIX, test=_unbounded,
+        doc=_PROBE_DOC + "The largest |logvar| over both pushes is held to `logvar_bound` (20 nats): a clamp to "
+            "[-6, 6] or 6 * tanh(logvar / 6) passes, a raw logvar reaches ~10^4. A bound wider than 20 nats by "
+            "design can raise `logvar_bound`."),
+    Rule(
+        code="kl.nonfinite_under_stress", verdict=Verdict.FAIL,
+        title="the KL becomes non-finite when the head's outputs grow",
+        message="the KL becomes non-finite under the stress probe (pushing {module}: kl {observed})",
+        fix=CLAMP_FIX, test=_nonfinite_under_stress,
+        doc=_PROBE_DOC + "Under each push the step's kl and the analytic KL of its mu and logvar must stay finite: "
+            "an exp(logvar) that overflows (logvar > 88 in float32) turns the loss into Inf/NaN mid-run. Bounding "
+            "logvar before the KL is computed fixes it."),
+    Rule(
+        code="kl.logvar_at_bound", verdict=Verdict.WARN,
+        title="a hard clamp holds most logvar values at the bound",
+        message="{share} of logvar values sit at the bound (share {observed}, warn above {bound})",
+        fix="the clamp holds most logvars (no gradient through a hard clamp): check the KL weight and what drives "
+            "sigma to the bound, or use a smooth bound (6 * tanh(logvar / 6))",
+        test=_at_bound,
+        doc="The share of the measured logvar values within 1% of the bound range the stress probe found (its "
+            "min and max under the push), judged when that bound is within `logvar_bound`. Above `at_bound_warn` "
+            "(0.5) a hard clamp holds most of them, and a clamped value passes no gradient. A narrow clamp by "
+            "design can raise `at_bound_warn`."),
     Rule(
         code="kl.weight_nonfinite", verdict=Verdict.FAIL,
         title="kl_weight is not finite",
