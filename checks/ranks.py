@@ -131,7 +131,7 @@ def _z1(ev: RanksEvidence, th: RanksThresholds):
         return None
     theirs, ours = ev.ranks[ranks[0]].z1_std, ev.ranks[0].z1_std
     shown = f"{theirs:.4g}" if theirs is not None else "not measured"
-    return Hit.of(theirs, f"within {th.z1_std_rtol:g} of {ours:.4g} (rank 0)", ranks=_on(ranks), shown=shown,
+    return Hit.of(theirs, f"within {th.z1_std_rtol:.0%} of {ours:.4g}", ranks=_on(ranks), shown=shown,
                   ours=f"{ours:.4g}")
 
 
@@ -166,8 +166,9 @@ RULES = (
              "0's. A rank that loaded another config (a per-node file, an environment variable) encodes its "
              "latents in other units, and the averaged gradients mix incompatible targets."),
     Rule(code="ranks.z1_units_differ", verdict=Verdict.FAIL, title="a rank's z1 is in other units",
-         message="z1 std on rank {ranks} differs from rank 0 ({shown} vs {ours}, tolerance {bound})",
-         fix="encode z1 with the same VAE config on every rank: " + CONFIG_FIX, test=_z1,
+         message="z1 std on rank {ranks} differs from rank 0 ({shown} vs {ours}; expected {bound})",
+         fix="encode z1 the same way on every rank: the same VAE, config and normalisation, loaded once and "
+             "broadcast", test=_z1,
          doc="The std of z1 (the step's x1) over each rank's own shard of batches, against rank 0's within "
              "`z1_std_rtol` (20% relative). Shards differ in data, so only a difference in units is caught; raise "
              "`z1_std_rtol` if the ranks' data legitimately differ more."),

@@ -41,7 +41,7 @@ def test_z1_units_fail_beyond_the_relative_tolerance_only():
     assert codes(RANK0, rank(z1_std=1.2)) == {}
     hit = findings(RANK0, rank(z1_std=1.25), rank())[0]
     assert hit.code == "ranks.z1_units_differ" and hit.verdict is Verdict.FAIL and "rank 1 " in hit.message
-    assert "1.25 vs 1" in hit.message
+    assert "1.25 vs 1; expected within 20% of 1" in hit.message
     assert codes(RANK0, rank(z1_std=1.25), th=RanksThresholds(z1_std_rtol=0.3)) == {}
 
 
