@@ -197,3 +197,57 @@ def test_evidence_from_an_observation():
     ev = KLEvidence.from_observation(obs)
     assert ev.stress.ran and ev.stress.kls == (5.0,) and ev.formula is None
     assert codes(ev) == {"kl.unbounded": Verdict.FAIL, "kl.no_warmup": Verdict.WARN}
+
+
+# -- the measurements table agrees with the findings: every non-PASS row is backed by a finding of that verdict
+def observation(**changes):
+    obs = {"posterior": {"logvar_min": -0.3, "logvar_max": 0.2, "logvar_mean": 0.0, "logvar_finite": True,
+                         "sigma_min": 0.86, "sigma_mean": 1.0, "sigma_max": 1.1, "kl_per_element": 0.01,
+                         "mu_energy": 0.5, "text_share": 0.4, "text_signal_ratio": 0.3, "multi_sample_batches": 4,
+                         "largest_batch": 8},
+           "stress": {"located": "head.proj", "why": "named head", "tried": ["head.proj"], "reason": None,
+                      "raised": None, "factor": 100.0, "shift": 100.0, "logvar_max_abs": 6.0, "kl_finite": True,
+                      "bound": [-6.0, 6.0], "runs": [{"kl": 3.1}, {"kl": 2.9}]},
+           "formula": {"reduction": "mean over all elements", "factor": 1.0, "label": "correct", "ambiguous": False,
+                       "tolerance": 1e-3, "closest": None, "closest_ratio": None},
+           "kl_user_min": 0.001, "kl_user_mean": 0.01, "kl_user_finite": True, "fm_loss_mean": 1.2,
+           "warmup": {"total_steps": 1000, "note": None,
+                      "weights": [[0, 0.0, 0.0], [10, 0.01, 0.01], [100, 0.1, 0.1], [500, 0.5, 0.1]]},
+           "at_bound_share": 0.01}
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(obs.get(key), dict):
+            obs[key] = {**obs[key], **value}
+        else:
+            obs[key] = value
+    return obs
+
+
+@pytest.mark.parametrize("changes, code", [
+    ({}, None),
+    ({"posterior": {"logvar_max": 25.0}}, "kl.logvar_out_of_bound"),
+    ({"stress": {"logvar_max_abs": 900.0}}, "kl.unbounded"),
+    ({"stress": {"located": None, "reason": "none", "runs": []}}, "kl.stress_probe_not_run"),
+    ({"stress": {"raised": "AssertionError: boom", "runs": []}}, "kl.stress_raised"),
+    ({"stress": {"kl_finite": False}}, "kl.nonfinite_under_stress"),
+    ({"at_bound_share": 0.8}, "kl.logvar_at_bound"),
+    ({"kl_user_finite": False, "kl_user_min": math.nan}, "kl.nonfinite"),
+    ({"kl_user_min": -0.5, "formula": {"reduction": None, "factor": None, "label": None}}, "kl.negative"),
+    ({"formula": {"factor": -1.0, "label": "flipped sign"}, "kl_user_min": -0.5}, "kl.sign_flipped"),
+    ({"formula": {"factor": 2.0, "label": "missing 1/2"}}, "kl.missing_half"),
+    ({"formula": {"reduction": "sum over everything"}}, "kl.batch_summed"),
+    ({"warmup": {"weights": [[0, 0.0, math.inf]]}}, "kl.weight_nonfinite"),
+    ({"warmup": {"weights": [[0, 0.0, -1.0], [100, 0.1, 0.1]]}}, "kl.weight_negative"),
+    ({"warmup": {"weights": [[0, 0.0, 0.0], [100, 0.1, 0.0]]}}, "kl.weight_zero"),
+    ({"warmup": {"weights": [[0, 0.0, 0.1], [100, 0.1, 0.1]]}}, "kl.no_warmup"),
+    ({"kl_user_mean": 1e4}, "kl.dominates"),
+    ({"kl_user_mean": 1e-6, "posterior": {"kl_per_element": 0.5}}, "kl.negligible"),
+    ({"posterior": {"mu_energy": 0.0, "text_share": 0.0}}, "kl.collapsed_source"),
+    ({"posterior": {"text_share": 0.0}}, "kl.posterior_collapse"),
+])
+def test_every_non_pass_measurement_is_backed_by_a_finding_of_its_verdict(changes, code):
+    judgement = KLCheck().judge(observation(**changes), TH)
+    found = {f.code: f.verdict for f in judgement.findings}
+    assert (code in found) if code else not found, found
+    loud = {m.verdict for m in judgement.measurements if m.verdict not in (None, Verdict.PASS)}
+    assert loud <= set(found.values()), (loud, found)
+    assert Verdict.worst(loud) is Verdict.worst(found.values()) if found else not loud

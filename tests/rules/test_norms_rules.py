@@ -89,3 +89,27 @@ def test_evidence_from_an_observation():
     ev = NormsEvidence.from_observation(obs)
     assert ev.ratio == 5.5 and ev.x1_off and ev.channel_spread is None
     assert codes(ev) == {"norms.z1_scale": Verdict.FAIL}
+
+
+# -- the measurements table agrees with the findings: every non-PASS row is backed by a finding of that verdict
+def observation(n1=17.0, rms1=1.06, stds=(1.0, 0.9, 1.1, 1.2), non_finite=None):
+    return {"batches": 4, "samples": 128, "dims": {"x0": 256, "x1": 256},
+            "norms": {"x0": {"mean": 16.0, "rms_per_dim": 1.0}, "x1": {"mean": n1, "rms_per_dim": rms1}},
+            "channel_std": list(stds), "channel_mean": [0.0] * len(stds), "mu_rms": 0.9, "sigma_rms": 0.4,
+            "non_finite_samples": non_finite or {}, "distributions": {"values": None, "norms": None, "channels": {}}}
+
+
+@pytest.mark.parametrize("obs, code", [
+    (observation(), None),
+    (observation(n1=40.0, rms1=2.5), "norms.z1_scale"),
+    (observation(n1=3.0, rms1=0.18), "norms.z1_scale"),
+    (observation(n1=math.nan, rms1=math.nan, stds=(math.nan,) * 4, non_finite={"x1": 3}), "norms.nonfinite"),
+    (observation(stds=(0.1, 1.0, 1.0, 1.0)), "norms.channel_spread"),
+])
+def test_every_non_pass_measurement_is_backed_by_a_finding_of_its_verdict(obs, code):
+    judgement = NormsCheck().judge(obs, TH)
+    found = {f.code: f.verdict for f in judgement.findings}
+    assert (code in found) if code else not found, found
+    loud = {m.verdict for m in judgement.measurements if m.verdict not in (None, Verdict.PASS)}
+    assert loud <= set(found.values()), (loud, found)
+    assert Verdict.worst(loud) is Verdict.worst(found.values()) if found else not loud
