@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from fmcheck.checks import _kl_math as km
-from fmcheck.checks import _kl_probe as kp
+from fmcheck.checks.kl import maths as km
+from fmcheck.checks.kl import probe as kp
 from fmcheck.checks.kl import NOT_APPLICABLE, KLCheck
 from fmcheck.config import Settings
 from fmcheck.contract import coerce

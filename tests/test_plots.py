@@ -175,7 +175,7 @@ def test_the_cli_lists_the_files(tmp_path):
 def test_latent_statistics_batch_by_batch_equal_the_pooled_ones_for_video_and_token_latents():
     import torch
 
-    from fmcheck.checks.norms import _channel_stats, _distributions
+    from fmcheck.checks.norms.maths import channel_stats as _channel_stats, distributions as _distributions
 
     gen = torch.Generator().manual_seed(0)
     video = [torch.randn(2, 3, 4, 5, 6, generator=gen) * torch.tensor([1.0, 3.0, 0.5]).view(1, 3, 1, 1, 1) + 2

@@ -272,7 +272,7 @@ def _with_push(run: Callable[[], Any], module, sign: float, factor: float, shift
 def _summarise(outputs, sign: float) -> ProbeRun:
     import torch
 
-    from ._kl_math import kl_elements
+    from .maths import kl_elements
 
     logvar = outputs["logvar"].detach().float()
     mu = outputs["mu"].detach().float()
