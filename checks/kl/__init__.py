@@ -86,6 +86,8 @@ def _formula_rows(ev: KLEvidence, th: KLThresholds) -> list[Measurement]:
         return [info("kl formula", "not checked: the step returns no 'kl'")]
     ms = [at_least("kl (user) minimum", f.kl_min, warn=None, fail=-th.negative_kl_tolerance)]
     name, expected = "kl formula vs analytic KL", "x 1 (correct)"
+    if not f.kl_finite:
+        return ms + [info(name, "not compared", note="the step's kl is not finite")]
     if f.reduction is None:
         return ms + [flag(name, False, value="no match", bad=Verdict.WARN,
                           expected="a reduction of 0.5 * (mu^2 + exp(logvar) - 1 - logvar)")]

@@ -44,7 +44,8 @@ def _unbounded(ev: KLEvidence, th: KLThresholds):
 
 def _nonfinite_under_stress(ev: KLEvidence, th: KLThresholds):
     s = ev.stress
-    if s.located is not None and s.ran and not s.kl_finite:
+    # an unbounded logvar explains a non-finite KL: kl.unbounded names that cause once
+    if s.located is not None and s.ran and not s.kl_finite and s.logvar_max_abs <= th.logvar_bound:
         shown = ", ".join(f"{k:.4g}" for k in s.kls) or "not finite"
         return Hit.of(shown, "finite", module=s.located)
     return None
@@ -71,7 +72,7 @@ def _negative(ev: KLEvidence, th: KLThresholds):
 
 def _mismatch(ev: KLEvidence, th: KLThresholds):
     f = ev.formula
-    if f is None or f.reduction is not None:
+    if f is None or f.reduction is not None or not f.kl_finite:  # a NaN kl matches nothing: kl.nonfinite says it
         return None
     if f.closest is not None and f.closest_ratio is not None:
         closest = (f" (closest: {f.closest}, kl / analytic = {f.closest_ratio:.4g}, tolerance "

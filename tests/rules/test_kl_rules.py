@@ -251,3 +251,14 @@ def test_every_non_pass_measurement_is_backed_by_a_finding_of_its_verdict(change
     loud = {m.verdict for m in judgement.measurements if m.verdict not in (None, Verdict.PASS)}
     assert loud <= set(found.values()), (loud, found)
     assert Verdict.worst(loud) is Verdict.worst(found.values()) if found else not loud
+
+
+def test_one_cause_one_finding_an_unbounded_logvar_explains_a_non_finite_stressed_kl():
+    ev = with_(stress={"kl_finite": False, "kls": (math.inf,), "logvar_max_abs": 900.0})
+    assert codes(ev) == {"kl.unbounded": Verdict.FAIL}  # not also "kl.nonfinite_under_stress"
+
+
+def test_one_cause_one_finding_a_non_finite_kl_is_not_also_a_formula_mismatch():
+    ev = with_(formula={"kl_finite": False, "kl_min": math.nan, "reduction": None, "factor": None, "label": None,
+                        "closest": None, "closest_ratio": None})
+    assert codes(ev) == {"kl.nonfinite": Verdict.FAIL}  # not also "kl.formula_mismatch"
