@@ -368,7 +368,8 @@ def test_the_doc_renders_every_threshold():
 # ---------------------------------------------------------------------------------------------------------------------
 # the implied-target audit: maths
 # ---------------------------------------------------------------------------------------------------------------------
-from fmcheck.checks import _target_implied as ti  # noqa: E402
+from fmcheck.checks.target import implied as ti  # noqa: E402
+from fmcheck.checks.target import maths as tm  # noqa: E402
 
 
 def _gradient(loss_of, raw):
@@ -388,7 +389,7 @@ def test_solve_recovers_target_and_weight_through_preconditioning_and_weighting(
 
     raw = torch.randn(N, D, generator=gen, dtype=torch.float64)
     delta = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    solved = ti.solve(raw, _gradient(loss_of, raw), _gradient(loss_of, raw + delta), delta)
+    solved = tm.solve(raw, _gradient(loss_of, raw), _gradient(loss_of, raw + delta), delta)
     assert torch.allclose(solved.target, x0 - x1, atol=1e-8)  # the path velocity d x_t / d sigma
     expected_k = 2 * (weight[:, 0] * t**2) / (N * D)
     assert torch.allclose(solved.k, expected_k, rtol=1e-8)
@@ -403,7 +404,7 @@ def test_solve_reports_a_loss_that_is_not_a_weighted_squared_error():
     def l1(out):
         return (out - (x1 - x0)).abs().mean()
 
-    solved = ti.solve(raw, _gradient(l1, raw), _gradient(l1, raw + delta), delta)
+    solved = tm.solve(raw, _gradient(l1, raw), _gradient(l1, raw + delta), delta)
     assert float(solved.misfit.median()) > ti.AFFINE_TOLERANCE
 
 
@@ -414,17 +415,17 @@ def test_zero_weight_samples_have_no_target():
     delta = torch.ones(4, 3, dtype=torch.float64)
     grad1 = grad0.clone()
     grad1[:2] += 2 * delta[:2]
-    solved = ti.solve(raw, grad0, grad1, delta)
+    solved = tm.solve(raw, grad0, grad1, delta)
     assert torch.allclose(solved.target[:2], torch.ones(2, 3, dtype=torch.float64))
     assert torch.isnan(solved.target[2:]).all()
 
 
 def test_weight_shape_names_power_laws_and_negative_weights():
     t = np.linspace(0.05, 0.95, 50)
-    assert ti.weight_shape(t, 3.0 * np.ones(50))["describe"] == "constant in t"
-    shape = ti.weight_shape(t, 0.1 * t**2)
+    assert tm.weight_shape(t, 3.0 * np.ones(50))["describe"] == "constant in t"
+    shape = tm.weight_shape(t, 0.1 * t**2)
     assert shape["describe"] == "~ t^2.00" and abs(shape["p"] - 2) < 1e-6
-    shape = ti.weight_shape(t, 1 - 8 * (t - 0.5) ** 2)
+    shape = tm.weight_shape(t, 1 - 8 * (t - 0.5) ** 2)
     assert shape["negative_share"] == pytest.approx(np.mean(1 - 8 * (t - 0.5) ** 2 < 0))
 
 
