@@ -30,7 +30,7 @@ def thin(count: int) -> Any:
         np.zeros(0, dtype=int)
 
 
-# -- the implied target --------------------------------------------------------------------------------------------------------
+# -- the implied target -------------------------------------------------------------------------------
 @dataclass
 class Solved:
     k: Any  # (N,) implied per-sample weight

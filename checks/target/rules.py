@@ -25,15 +25,6 @@ NEGATIVE_WEIGHT_FIX = ("A loss weight must be >= 0 for every t: a negative weigh
                        "trains the output away from its target. Check the sign of the weighting formula (e.g. "
                        "diffusers' compute_loss_weighting_for_sd3) and of any factor multiplied into the loss.")
 KL_FIX = "Compute kl from the head's mu and logvar with autograd (not detached)."
-WHY = {  # what a named wrong target is, said before the general fix
-    "eps (the reparam noise)": "eps is the DDPM noise-prediction target, not a velocity. ",
-    "-eps": "-eps is a noise (score-like) target, not a velocity. ",
-    "x0": "x0 alone is the source, not a velocity. ",
-    "x0 (the source noise: an eps target)": "the source noise is the DDPM eps target, not a velocity. ",
-    "x1": "x1 alone is the data (an x0-prediction target), not a velocity. ",
-    "x_t": "x_t is the model's input, not a velocity. ",
-    "score-like -x0/a(t)": "-x0/sigma(t) is a score target, not a velocity. ",
-}
 COMPARED = ("The target judged is the loss's implied target (what the loss gradient trains the velocity module's raw "
             "output toward) when it can be measured, else the step's v_target; it is compared per sample with the "
             "path velocity d x_t / dt of the path fitted to (x0, x1, x_t, t) and with the usual wrong targets. ")
@@ -64,7 +55,7 @@ def _mismatch(kind: Mismatch):
             return None
         best, fields = found.best, _fields(ev, j)
         fields.update(best=best.name, best_cos=f"{best.cos:.3f}", best_ratio=f"{best.ratio:.3g}",
-                      why=WHY.get(best.name, ""), concrete=f" (it is {found.concrete})" if found.concrete else "",
+                      concrete=f" (it is {found.concrete})" if found.concrete else "",
                       near=", ".join(f"{c.name} (cos {c.cos:.2f})" for c in found.near))
         return Hit.of(j.match.cos_median, f">= {th.cos_warn:g}", "cos", verdict=a.verdict, **fields)
 
@@ -268,6 +259,8 @@ def _rule(code: str, verdict: Verdict, title: str, message: str, fix: str, test:
 
 FAIL, WARN = Verdict.FAIL, Verdict.WARN
 HERE = GENERAL_FIX + " Here: {velocity_text}."
+IS_ANOTHER = ("{label} is not the path velocity (median cos {cos}); it is {best} (cos {best_cos}, norm ratio "
+              "{best_ratio}){caveat}")
 # in the order the report lists them within a verdict: what the target is, then the path, gradients, precision
 RULES = (
     _rule("sign_flipped", FAIL, "The target has the flipped sign of the path velocity",
@@ -278,40 +271,42 @@ RULES = (
           "velocity (x0 - x1 for x_t = (1-t) x0 + t x1): the sign convention of one paper (t=1 at the data) mixed "
           "with another's (t=1 at the noise). A correct pipeline does not give it."),
     _rule("epsilon", FAIL, "The target is the noise (an eps / DDPM target), not a velocity",
-          "{label} is not the path velocity (median cos {cos}); it is {best} (cos {best_cos}, norm ratio "
-          "{best_ratio}){caveat}", "{why}" + HERE, _mismatch(Mismatch.EPSILON),
+          IS_ANOTHER,
+          "eps (or -eps, or a plain-noise source x0) is the DDPM noise-prediction target, not a "
+          "velocity. " + HERE, _mismatch(Mismatch.EPSILON),
           COMPARED + "Fires when the cosine fails and the target matches the reparameterisation noise eps, -eps, "
           "or (with a plain noise source) x0 itself at cos >= cos_warn: a DDPM codebase's noise-prediction target "
           "kept. Declare `prediction = 'epsilon'` if the model is meant to predict the noise."),
     _rule("x0", FAIL, "The target is the source sample x0, not a velocity",
-          "{label} is not the path velocity (median cos {cos}); it is {best} (cos {best_cos}, norm ratio "
-          "{best_ratio}){caveat}", "{why}" + HERE, _mismatch(Mismatch.X0),
+          IS_ANOTHER,
+          "x0 alone is the source, not a velocity. " + HERE, _mismatch(Mismatch.X0),
           COMPARED + "Fires when the cosine fails and the target matches x0 (the head's sample) at cos >= "
           "cos_warn. With a plain-noise source the same target is reported as target.epsilon."),
     _rule("x1", FAIL, "The target is the data sample x1 (an x0-prediction target), not a velocity",
-          "{label} is not the path velocity (median cos {cos}); it is {best} (cos {best_cos}, norm ratio "
-          "{best_ratio}){caveat}", "{why}" + HERE, _mismatch(Mismatch.X1),
+          IS_ANOTHER,
+          "x1 alone is the data (an x0-prediction target), not a velocity. " + HERE,
+          _mismatch(Mismatch.X1),
           COMPARED + "Fires when the cosine fails and the target matches the data x1 at cos >= cos_warn: a "
           "sample-prediction target. Declare `prediction = 'sample'` if the model is meant to predict the data."),
     _rule("xt_as_target", FAIL, "The target is the model's input x_t, not a velocity",
-          "{label} is not the path velocity (median cos {cos}); it is {best} (cos {best_cos}, norm ratio "
-          "{best_ratio}){caveat}", "{why}" + HERE, _mismatch(Mismatch.XT),
+          IS_ANOTHER,
+          "x_t is the model's input, not a velocity. " + HERE, _mismatch(Mismatch.XT),
           COMPARED + "Fires when the cosine fails and the target matches x_t at cos >= cos_warn: the loss trains "
           "the network to copy its input."),
     _rule("score", FAIL, "The target is a score (-x0 / a(t)), not a velocity",
-          "{label} is not the path velocity (median cos {cos}); it is {best} (cos {best_cos}, norm ratio "
-          "{best_ratio}){caveat}", "{why}" + HERE, _mismatch(Mismatch.SCORE),
+          IS_ANOTHER,
+          "-x0/sigma(t) is a score target, not a velocity. " + HERE, _mismatch(Mismatch.SCORE),
           COMPARED + "Fires when the cosine fails and the target matches -x0 / a(t), the score of a Gaussian path "
           "(a(t): the fitted share of x0 left in x_t), at cos >= cos_warn: a score-matching codebase's target."),
     _rule("wrong_path", FAIL, "The target is x1 - x0 (or x0 - x1) on a path that is not linear",
-          "{label} is not the path velocity (median cos {cos}); it is {best} (cos {best_cos}, norm ratio "
-          "{best_ratio}){caveat}", "{why}" + HERE, _mismatch(Mismatch.WRONG_PATH),
+          IS_ANOTHER,
+          HERE, _mismatch(Mismatch.WRONG_PATH),
           COMPARED + "Fires when the cosine fails and the target matches the linear difference of the endpoints "
           "while the fitted path (cosine, VP, a warped schedule) has another velocity: the target of the linear "
           "path kept after the interpolation was changed."),
     _rule("noise_term_missing", FAIL, "The target lacks the noise term of a stochastic path",
-          "{label} is not the path velocity (median cos {cos}); it is {best} (cos {best_cos}, norm ratio "
-          "{best_ratio}){caveat}", "{why}" + HERE, _mismatch(Mismatch.NOISE_TERM_MISSING),
+          IS_ANOTHER,
+          HERE, _mismatch(Mismatch.NOISE_TERM_MISSING),
           COMPARED + "With a returned `noise` output, x_t = a x0 + b x1 + s(t) noise is fitted and the path "
           "velocity gains s'(t)/s(t) (x_t - mu_t). Fires when the target matches a'(t) x0 + b'(t) x1 without that "
           "term (a Schrodinger bridge trained on plain x1 - x0). Constant-sigma paths need no term and pass."),
