@@ -2,29 +2,28 @@
 (:mod:`.evidence`) and the thresholds. The comparison of a target with the path velocity is shared with the
 measurement table through :mod:`.compare`.
 
-Over 300 lines because it is the check's catalogue: 27 causes, each with its message, fix and `explain` text.
+What the target is and how the path was built; the gradient paths and the precision of the path tensors are in
+:mod:`.gradient_rules`. ``RULES`` is the whole table, in the order findings of one verdict are listed.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from fmcheck.findings import Hit, Rule
+from fmcheck.findings import Hit
 from fmcheck.judges import at_most
 from fmcheck.verdict import Verdict
 
 from .compare import Mismatch, assess, assess_declared, classify, judged, velocity_text
-from .evidence import Evidence, KlPath, Prediction
+from .evidence import Evidence, Prediction
+from .gradient_rules import GRADIENT_RULES, rule
 
 GENERAL_FIX = ("Train the output toward the time derivative of your own x_t: for x_t = a(t) x0 + b(t) x1 it is "
                "a'(t) x0 + b'(t) x1, detached (x_t = (1-t) x0 + t x1 -> x1 - x0; x_t = t x0 + (1-t) x1 -> x0 - x1; "
                "x_t = cos(pi t/2) x0 + sin(pi t/2) x1 -> pi/2 (cos(pi t/2) x1 - sin(pi t/2) x0)).")
-DETACH_FIX = ("Detach the target: v_target = (x1 - x0).detach() (or build it from x0.detach(), x1.detach()). Only "
-              "u_theta(x_t, t) may carry gradient; the head gets its gradient through x_t (the reparameterised z0).")
 NEGATIVE_WEIGHT_FIX = ("A loss weight must be >= 0 for every t: a negative weight maximises the error there and "
                        "trains the output away from its target. Check the sign of the weighting formula (e.g. "
                        "diffusers' compute_loss_weighting_for_sd3) and of any factor multiplied into the loss.")
-KL_FIX = "Compute kl from the head's mu and logvar with autograd (not detached)."
 COMPARED = ("The target judged is the loss's implied target (what the loss gradient trains the velocity module's raw "
             "output toward) when it can be measured, else the step's v_target; it is compared per sample with the "
             "path velocity d x_t / dt of the path fitted to (x0, x1, x_t, t) and with the usual wrong targets. ")
@@ -162,162 +161,67 @@ def _unaudited(ev: Evidence, th: Any) -> Optional[Hit]:
     return Hit.of("no v_target, no implied target")
 
 
-def _moving(ev: Evidence, th: Any) -> Optional[Hit]:
-    g = ev.gradients
-    through = g.through_target()
-    if not g.moving and not through:
-        return None
-    parts = []
-    if g.moving:
-        names = ", ".join(g.moving[:4]) + (", ..." if len(g.moving) > 4 else "")
-        parts.append(f"v_target carries autograd history into {len(g.moving)} trainable parameter(s) ({names})")
-    if through:
-        parts.append(f"gradient flows through the target into {', '.join(sorted(through))} "
-                     f"(|grad| {', '.join(f'{n:.3g}' for n in through.values())})")
-    if g.moving:
-        return Hit.of(len(g.moving), "0", "trainable parameters", detail="; ".join(parts))
-    return Hit.of(max(through.values()), "0", "|grad| through v_target", detail="; ".join(parts))
-
-
-def _gradients_not_audited(ev: Evidence, th: Any) -> list[Hit]:
-    return [Hit.of(note, note=note) for note in ev.gradients.notes]
-
-
-def _loss_without_graph(ev: Evidence, th: Any) -> list[Hit]:
-    return [Hit.of(False, "a graph", key=key) for key in ev.gradients.terms_without_graph if key != "kl"]
-
-
-def _velocity_no_gradient(ev: Evidence, th: Any) -> Optional[Hit]:
-    g = ev.gradients
-    norm = g.velocity_norm()
-    if norm is None or (norm > g.fm_tiny() and norm > 0):
-        return None
-    return Hit.of(norm, "> 0", "|grad|", modules=", ".join(g.velocity), fm_key=g.fm_key)
-
-
-def _reparam_closed(ev: Evidence, th: Any) -> Optional[Hit]:
-    g = ev.gradients
-    via = g.head_via_xt()
-    if via is None or (via > g.fm_tiny() and via > 0):
-        return None
-    return Hit.of(via, "> 0", "|grad|", modules=", ".join(g.head), fm_key=g.fm_key,
-                  total=f"{g.fm['roles']['head']:.3g}")
-
-
-def _kl_no_head_gradient(ev: Evidence, th: Any) -> Optional[Hit]:
-    g = ev.gradients
-    if g.kl is KlPath.GRAPH and g.has_head and not g.kl_to_head() > 0:
-        return Hit.of(g.kl_to_head(), "> 0", "|grad|", how=" to the head")
-    if g.kl is KlPath.NO_GRAPH and g.has_head:
-        return Hit.of(False, "a graph to the head",
-                      how=" (computed under no_grad, detached, or a Python number): the KL term does not train "
-                          "the head")
-    return None
-
-
-def _kl_reaches_other(ev: Evidence, th: Any) -> Optional[Hit]:
-    others = ev.gradients.kl_others()
-    return Hit.of(", ".join(sorted(others)), "none", modules=", ".join(sorted(others))) if others else None
-
-
-def _frozen_gradient(ev: Evidence, th: Any) -> Optional[Hit]:
-    hits = ev.gradients.frozen_hits()
-    if not hits:
-        return None
-    return Hit.of(max(hits.values()), "0", "|grad|", modules=", ".join(sorted(hits)),
-                  norms=", ".join(f"{n:.3g}" for n in hits.values()))
-
-
-def _trainable_without_gradient(ev: Evidence, th: Any) -> Optional[Hit]:
-    silent = ev.gradients.silent()
-    return Hit.of(", ".join(silent), "none", modules=", ".join(silent)) if silent else None
-
-
-def _xt_half_precision(ev: Evidence, th: Any) -> Optional[Hit]:
-    p = ev.precision
-    dtype = p.dtypes["xt"]
-    if p.xt_half_dtype():
-        return Hit.of(dtype, "float32 like x0, x1", dtype=dtype,
-                      detail=" while x0 and x1 are float32: the path is built in half precision")
-    quantised = p.xt_quantised()
-    if quantised is None:
-        return None
-    half, share, base = quantised
-    return Hit.of(share, f"about the share of x0, x1 ({base:.2g})", "exact in " + half, dtype=dtype,
-                  detail=f" but {share:.1%} of its values are exact {half} numbers (x0, x1: {base:.1%}): it was "
-                         f"computed in {half} and cast back")
-
-
-def _target_half_precision(ev: Evidence, th: Any) -> Optional[Hit]:
-    p = ev.precision
-    return Hit.of(p.dtypes["v_target"], "float32", dtype=p.dtypes["v_target"]) if p.target_half() else None
-
-
-def _rule(code: str, verdict: Verdict, title: str, message: str, fix: str, test: Any, doc: str) -> Rule:
-    return Rule(code=f"target.{code}", verdict=verdict, title=title, message=message, fix=fix, test=test, doc=doc)
-
-
 FAIL, WARN = Verdict.FAIL, Verdict.WARN
 HERE = GENERAL_FIX + " Here: {velocity_text}."
 IS_ANOTHER = ("{label} is not the path velocity (median cos {cos}); it is {best} (cos {best_cos}, norm ratio "
               "{best_ratio}){caveat}")
 # in the order the report lists them within a verdict: what the target is, then the path, gradients, precision
 RULES = (
-    _rule("sign_flipped", FAIL, "The target has the flipped sign of the path velocity",
+    rule("sign_flipped", FAIL, "The target has the flipped sign of the path velocity",
           "{label} has the flipped sign{concrete}: median cos {cos} with the path velocity{caveat}",
           "Negate the target: train toward d x_t / dt ({velocity_text}). " + GENERAL_FIX,
           _mismatch(Mismatch.SIGN_FLIPPED),
           COMPARED + "Fires when the median cosine is below cos_warn and the target is closest to minus the path "
           "velocity (x0 - x1 for x_t = (1-t) x0 + t x1): the sign convention of one paper (t=1 at the data) mixed "
           "with another's (t=1 at the noise). A correct pipeline does not give it."),
-    _rule("epsilon", FAIL, "The target is the noise (an eps / DDPM target), not a velocity",
+    rule("epsilon", FAIL, "The target is the noise (an eps / DDPM target), not a velocity",
           IS_ANOTHER,
           "eps (or -eps, or a plain-noise source x0) is the DDPM noise-prediction target, not a "
           "velocity. " + HERE, _mismatch(Mismatch.EPSILON),
           COMPARED + "Fires when the cosine fails and the target matches the reparameterisation noise eps, -eps, "
           "or (with a plain noise source) x0 itself at cos >= cos_warn: a DDPM codebase's noise-prediction target "
           "kept. Declare `prediction = 'epsilon'` if the model is meant to predict the noise."),
-    _rule("x0", FAIL, "The target is the source sample x0, not a velocity",
+    rule("x0", FAIL, "The target is the source sample x0, not a velocity",
           IS_ANOTHER,
           "x0 alone is the source, not a velocity. " + HERE, _mismatch(Mismatch.X0),
           COMPARED + "Fires when the cosine fails and the target matches x0 (the head's sample) at cos >= "
           "cos_warn. With a plain-noise source the same target is reported as target.epsilon."),
-    _rule("x1", FAIL, "The target is the data sample x1 (an x0-prediction target), not a velocity",
+    rule("x1", FAIL, "The target is the data sample x1 (an x0-prediction target), not a velocity",
           IS_ANOTHER,
           "x1 alone is the data (an x0-prediction target), not a velocity. " + HERE,
           _mismatch(Mismatch.X1),
           COMPARED + "Fires when the cosine fails and the target matches the data x1 at cos >= cos_warn: a "
           "sample-prediction target. Declare `prediction = 'sample'` if the model is meant to predict the data."),
-    _rule("xt_as_target", FAIL, "The target is the model's input x_t, not a velocity",
+    rule("xt_as_target", FAIL, "The target is the model's input x_t, not a velocity",
           IS_ANOTHER,
           "x_t is the model's input, not a velocity. " + HERE, _mismatch(Mismatch.XT),
           COMPARED + "Fires when the cosine fails and the target matches x_t at cos >= cos_warn: the loss trains "
           "the network to copy its input."),
-    _rule("score", FAIL, "The target is a score (-x0 / a(t)), not a velocity",
+    rule("score", FAIL, "The target is a score (-x0 / a(t)), not a velocity",
           IS_ANOTHER,
           "-x0/sigma(t) is a score target, not a velocity. " + HERE, _mismatch(Mismatch.SCORE),
           COMPARED + "Fires when the cosine fails and the target matches -x0 / a(t), the score of a Gaussian path "
           "(a(t): the fitted share of x0 left in x_t), at cos >= cos_warn: a score-matching codebase's target."),
-    _rule("wrong_path", FAIL, "The target is x1 - x0 (or x0 - x1) on a path that is not linear",
+    rule("wrong_path", FAIL, "The target is x1 - x0 (or x0 - x1) on a path that is not linear",
           IS_ANOTHER,
           HERE, _mismatch(Mismatch.WRONG_PATH),
           COMPARED + "Fires when the cosine fails and the target matches the linear difference of the endpoints "
           "while the fitted path (cosine, VP, a warped schedule) has another velocity: the target of the linear "
           "path kept after the interpolation was changed."),
-    _rule("noise_term_missing", FAIL, "The target lacks the noise term of a stochastic path",
+    rule("noise_term_missing", FAIL, "The target lacks the noise term of a stochastic path",
           IS_ANOTHER,
           HERE, _mismatch(Mismatch.NOISE_TERM_MISSING),
           COMPARED + "With a returned `noise` output, x_t = a x0 + b x1 + s(t) noise is fitted and the path "
           "velocity gains s'(t)/s(t) (x_t - mu_t). Fires when the target matches a'(t) x0 + b'(t) x1 without that "
           "term (a Schrodinger bridge trained on plain x1 - x0). Constant-sigma paths need no term and pass."),
-    _rule("not_velocity", FAIL, "The target is not the path velocity (nor a usual wrong target)",
+    rule("not_velocity", FAIL, "The target is not the path velocity (nor a usual wrong target)",
           "{label} is not the path velocity: median cos {cos}; closest candidates: {near}{caveat}", HERE,
           _mismatch(Mismatch.OTHER),
           COMPARED + "Fires when the median cosine is below cos_warn (WARN) or cos_fail (FAIL) and no usual wrong "
           "target matches. A correct target expressed in another time variable than the t returned (e.g. "
           "phi = pi t / 2) or a path the fit resolves poorly can give it: return that t, or raise cos_warn / "
           "cos_fail, or `--ignore target.not_velocity`."),
-    _rule("scaled", FAIL, "The target is a multiple of the path velocity (mis-scaled)",
+    rule("scaled", FAIL, "The target is a multiple of the path velocity (mis-scaled)",
           "{label} is {ratio}x the path velocity (median norm ratio; cos {cos}): a mis-scaled target{caveat}",
           "Remove the extra factor from the target: it must be exactly d x_t / dt ({velocity_text}). If the "
           "sampler integrates in another time variable (e.g. phi = pi t / 2), return that variable as t.",
@@ -326,7 +230,7 @@ RULES = (
           "||target|| / ||path velocity|| lies outside [1/norm_ratio_warn, norm_ratio_warn] (WARN) or "
           "[1/norm_ratio_fail, norm_ratio_fail] (FAIL): a weighting folded into the target (0.5 (x1 - x0)) or a "
           "target in other time units than the t returned."),
-    _rule("timestep_span", WARN, "t may be in timesteps of another span than the power of ten it was read in",
+    rule("timestep_span", WARN, "t may be in timesteps of another span than the power of ten it was read in",
           "{label} is {ratio}x the velocity per t / {scale}, but {ratio_end}x the velocity per t / {span}: the "
           "path reaches its end at raw t {span}, so t may be in units of {span} timesteps{caveat}",
           "If t runs over 0..{span} (num_train_timesteps) and the sampler integrates over t / {span}, this is "
@@ -337,7 +241,7 @@ RULES = (
           "convention, reported, not a finding). Fires when the norm ratio fails per t / (power of ten) but "
           "passes per t / (the raw t where the fitted path reaches its end, e.g. 500): which one the sampler "
           "integrates over is not in the step. Return t in [0, 1], or `--ignore target.timestep_span`."),
-    _rule("partly_wrong", WARN, "The target is wrong for part of the batch or of the t range",
+    rule("partly_wrong", WARN, "The target is wrong for part of the batch or of the t range",
           "{share} of the samples have cos < {cos_fail} with the path velocity although the median is {cos}: the "
           "target is wrong for part of the batch or of the t range",
           "Compare the target with d x_t / dt per t range; look for a branch on t (clamping, a different formula "
@@ -346,7 +250,7 @@ RULES = (
           COMPARED + "Fires when the median cosine passes but more than disagree_share_warn of the samples have "
           "cos < cos_fail: a branch on t, a clamp near an end. A path whose ends the fit resolves poorly (a VP "
           "schedule's bend near t=0) can give it on a few samples: raise disagree_share_warn."),
-    _rule("declared_prediction_mismatch", FAIL, "The target is not what the declared `prediction` means",
+    rule("declared_prediction_mismatch", FAIL, "The target is not what the declared `prediction` means",
           "{label} is not {name}, what the declared prediction '{prediction}' means (median cos {cos}, norm ratio "
           "{ratio}); it resembles {best} (cos {best_cos})",
           "Either train the output toward {name} (prediction '{prediction}') or declare the prediction the loss "
@@ -356,13 +260,13 @@ RULES = (
           "With the pipeline field `prediction` = 'epsilon' the target must be the source noise x0, with 'sample' "
           "the data x1: judged on the median cosine (cos_warn, cos_fail) and norm ratio (norm_ratio_warn, "
           "norm_ratio_fail) against that quantity. Fires when either fails; the message names what it resembles."),
-    _rule("negative_weighting", FAIL, "The loss weight is negative for some samples",
+    rule("negative_weighting", FAIL, "The loss weight is negative for some samples",
           "the loss weight is negative for {share} of the samples (implied k_i from the loss gradient): the loss "
           "trains the output away from its target there", NEGATIVE_WEIGHT_FIX, _negative_weighting,
           "The loss gradient at two probes of the velocity module's output gives, per sample, the weight k_i of "
           "a weighted squared error. Any k_i < 0 fails: the loss maximises the error there (a weighting formula "
           "with the wrong sign, log(sigma / (1 - sigma)) as a weight). A correct loss never gives it."),
-    _rule("xt_off_span", FAIL, "x_t is not built from the returned x0 and x1 (extra noise, other samples)",
+    rule("xt_off_span", FAIL, "x_t is not built from the returned x0 and x1 (extra noise, other samples)",
           "x_t is not a mix of the returned x0 and x1: {share} of ||x_t|| lies outside span(x0, x1)",
           "Build x_t from exactly the x0 and x1 you return (same samples, same order), with no extra noise term. "
           "If your path adds noise on purpose (torchcfm with sigma > 0, a Schrodinger bridge, a stochastic "
@@ -372,7 +276,7 @@ RULES = (
           "Per sample, x_t is regressed on (x0, x1) (and the returned `noise`, when there is one); the share of "
           "||x_t|| left outside that span warns above xt_residual_warn and fails above xt_residual_fail. A path "
           "with a noise term that the step does not return as `noise` gives it on correct code: return the noise."),
-    _rule("t_mismatch", FAIL, "x_t was not built with the t returned (t shifted, warped or shuffled after x_t)",
+    rule("t_mismatch", FAIL, "x_t was not built with the t returned (t shifted, warped or shuffled after x_t)",
           "x_t does not follow t: the per-sample mix (a, b) of x0, x1 scatters {share} around any smooth a(t), b(t)",
           "Return the t that x_t was built with, one per sample, after any shift or warp of t (and the same t the "
           "velocity net receives).",
@@ -380,7 +284,7 @@ RULES = (
           "The per-sample mix (a_i, b_i) of x0 and x1 in x_t is fitted as smooth curves a(t), b(t); their RMS "
           "scatter around the curves, relative, warns above schedule_residual_warn and fails above "
           "schedule_residual_fail: x_t was built with another t than the one returned."),
-    _rule("path_not_fitted", WARN, "The path velocity could not be fitted (too little spread in t)",
+    rule("path_not_fitted", WARN, "The path velocity could not be fitted (too little spread in t)",
           "path velocity not fitted: {reason}{extra}{described}",
           "Sample t per sample (t = torch.rand(B)), or yield more batches, so a(t) and b(t) can be fitted; with "
           "x_t = (1-t) x0 + t x1 the target must be 1.0 x1 - 1.0 x0.",
@@ -388,14 +292,14 @@ RULES = (
           "An inconclusive audit: a(t) and b(t) need >= 3 distinct t values spanning >= 0.02 (up to max_batches "
           "batches are drawn for them). With one t for the whole run the target cannot be compared with the path "
           "velocity; the coefficients of v_target in x0, x1 are reported instead."),
-    _rule("path_not_audited", WARN, "The path could not be audited (step outputs of unexpected shapes)",
+    rule("path_not_audited", WARN, "The path could not be audited (step outputs of unexpected shapes)",
           "path not audited: {problem}",
           "Return x0, x1, x_t, v_target as (B, ...) tensors with the same number of values per sample, and t as one "
           "time per sample (shape (B,) or broadcastable like (B, 1, 1, 1)).",
           _path_not_audited,
           "An inconclusive audit: the path fit needs x0, x1, x_t (and v_target) as (B, ...) tensors with as many "
           "values per sample as x0, and t as one time per sample. The message says which output does not fit."),
-    _rule("unaudited", WARN, "The target is not audited (no v_target and no implied target)",
+    rule("unaudited", WARN, "The target is not audited (no v_target and no implied target)",
           "the step returns no 'v_target' and the loss's implied target could not be measured: the target is not "
           "audited",
           "Return 'v_target' (and 'v_pred'), or declare the pipeline field 'velocity' so the target can be read "
@@ -404,76 +308,5 @@ RULES = (
           "An inconclusive audit: the step returns no v_target and the implied-target audit could not run (an L1 "
           "or Huber loss, randomness that is not replayed, no velocity module found). Nothing says whether the "
           "target is right."),
-    _rule("moving", FAIL, "The target is not detached: gradient flows into v_target (a moving target)",
-          "moving target: {detail}", DETACH_FIX, _moving,
-          "The autograd graph of v_target is walked to its leaves: any trainable parameter it reaches fails, and "
-          "so does any gradient of fm_loss that flows back through v_target (pulled back to the parameters). The "
-          "head then also pulls z0 toward what the net predicts. A correct pipeline never gives it."),
-    _rule("frozen_gradient", FAIL, "The loss's gradient reaches a frozen module (VAE, text encoder)",
-          "frozen module(s) {modules} receive gradient (|grad| {norms})",
-          "Freeze them (module.requires_grad_(False)) and run them under torch.no_grad() (e.g. the VAE encode that "
-          "makes z1): they are not trained, and their graph costs memory and time.",
-          _frozen_gradient,
-          "torch.autograd.grad of loss, fm_loss and kl with respect to every parameter that requires grad: any "
-          "gradient into a frozen module (the pipeline's `frozen` modules and its `vae`) fails. Typical cause: the "
-          "VAE encode outside torch.no_grad() with its parameters not frozen."),
-    _rule("velocity_no_gradient", FAIL, "The velocity net gets no gradient from the flow-matching loss",
-          "the velocity net ({modules}) gets no gradient from {fm_key}",
-          "Compute v_pred with autograd (no torch.no_grad(), .detach() or .data on the way from the velocity net "
-          "to the loss).",
-          _velocity_no_gradient,
-          "fm_loss's gradient norm into the velocity net's parameters (the pipeline's `velocity`, else the "
-          "parameters v_pred reaches but x_t does not) must be > 0: otherwise nothing trains the velocity."),
-    _rule("loss_without_graph", FAIL, "A loss term carries no autograd graph",
-          "'{key}' carries no gradient at all (computed under no_grad, detached, or a Python number)",
-          "Compute '{key}' from tensors with autograd history; training calls loss.backward() on it.",
-          _loss_without_graph,
-          "Each loss output (loss, fm_loss) of a fresh step with autograd must be a tensor that requires grad. "
-          "One that does not trains nothing (a no_grad region, .item(), a detached sum). kl is judged apart."),
-    _rule("reparam_closed", WARN, "The head gets no flow-matching gradient through x_t (z0 detached)",
-          "the head ({modules}) gets no gradient from {fm_key} through x_t (total {total}): the "
-          "reparameterisation path is closed (z0 detached before x_t)",
-          "Build x_t from the reparameterised sample z0 = mu + sigma * eps without .detach(): the FM loss must "
-          "train the head through x_t (only the target is detached).",
-          _reparam_closed,
-          "fm_loss's gradient is pulled back through x_t to the head's parameters (the trainable ones x0, mu or "
-          "logvar reach). None warns: the head is then trained by the KL alone. A design that trains the head "
-          "apart on purpose gives it: `--ignore target.reparam_closed`."),
-    _rule("kl_no_head_gradient", WARN, "The KL term does not train the head",
-          "kl carries no gradient{how}", KL_FIX, _kl_no_head_gradient,
-          "With a head (a trainable module x0, mu or logvar reach), kl's gradient norm into it must be > 0: a kl "
-          "under no_grad, detached or a Python number leaves the posterior unregularised."),
-    _rule("kl_reaches_other", WARN, "The KL term sends gradient into modules other than the head",
-          "kl sends gradient into {modules}, not only the head",
-          "The KL of q(z0|text) against N(0, I) depends on the head's mu and logvar only.",
-          _kl_reaches_other,
-          "kl's gradient, per trainable module: only the head should receive any (above 1e-8 of the largest). "
-          "A text encoder trained jointly with the head on purpose gives it: `--ignore target.kl_reaches_other`."),
-    _rule("trainable_without_gradient", WARN, "A trainable module gets no gradient from any loss term",
-          "trainable module(s) {modules} get no gradient from loss, fm_loss or kl at step 0",
-          "Every module the optimizer trains must be reached by the loss; check for detach/no_grad, or drop the "
-          "module from `trainable`.",
-          _trainable_without_gradient,
-          "The gradient norm of loss, fm_loss and kl into each trainable module besides the velocity net and the "
-          "head, at step 0. A module switched on later in training gives it: `--ignore "
-          "target.trainable_without_gradient`."),
-    _rule("gradients_not_audited", WARN, "The gradient map could not be taken",
-          "{note}", "Make the step compute its loss with autograd enabled for the trainable modules.",
-          _gradients_not_audited,
-          "An inconclusive audit: the gradient paths need parameters that require grad in the trainable or frozen "
-          "modules and a loss with autograd history; the message says what was missing."),
-    _rule("xt_half_precision", WARN, "x_t is built in half precision",
-          "x_t is {dtype}{detail}",
-          "Build x_t in float32 from float32 x0, x1 ((1 - t) * x0 + t * x1 outside autocast, or with explicit "
-          ".float()), then cast where the network needs it (autocast does this for its inputs).",
-          _xt_half_precision,
-          "x_t in float16/bfloat16 while x0 and x1 are float32 warns; so does a float32 x_t whose values are "
-          ">= 99% exact half-precision numbers when those of x0, x1 are 50 points fewer (computed in half, cast "
-          "back). Half precision loses 3 significant digits of the interpolation the velocity net must undo."),
-    _rule("target_half_precision", WARN, "v_target is rounded to half precision",
-          "v_target is {dtype}: the target itself is rounded to half precision",
-          "Compute v_target in float32 and the loss in float32 (F.mse_loss(v_pred.float(), v_target)).",
-          _target_half_precision,
-          "v_target in float16/bfloat16 next to float32 x0 warns: the regression target carries ~3 significant "
-          "digits. v_pred and v_target dtypes that differ otherwise are reported, not judged."),
+    *GRADIENT_RULES,
 )
