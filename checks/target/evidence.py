@@ -204,10 +204,7 @@ class ImpliedEvidence:
             return cls(reason=implied.get("reason", "?"))
         weight = implied["weight"]
         compared = bool(implied.get("compared"))
-        declared = implied.get("declared")
-        if declared is None:  # an observation from before the flag: the one how-string the pipeline field gives
-            declared = implied.get("how") == "pipeline field 'velocity'"
-        return cls(ok=True, module=implied["module"], how=implied["how"], declared=bool(declared),
+        return cls(ok=True, module=implied["module"], how=implied["how"], declared=bool(implied.get("declared")),
                    v_pred_is_raw=implied.get("v_pred_is_raw"), calls=implied.get("calls", 1),
                    negative_share=weight["negative_share"], weight_describe=weight["describe"],
                    weight_spread=weight.get("spread", float("nan")),
