@@ -119,6 +119,16 @@ def test_wrong_targets_are_told_apart():
     assert scaled[0].name == "the path velocity" and abs(scaled[0].ratio - 0.5) < 1e-9
 
 
+def test_every_candidate_has_a_typed_kind():
+    """The evidence reads a candidate's kind from its key once; a candidate without one would stop the judge."""
+    from fmcheck.checks.target.evidence import CANDIDATE_NAMES
+
+    x0, x1, t, gen = _endpoints()
+    eps = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    candidates = pf.candidate_targets(x0, x1, x0, x1 - x0, eps, 1 - t, without_noise=x1 - x0)
+    assert set(candidates) == set(CANDIDATE_NAMES)
+
+
 @pytest.mark.parametrize("noise", [0.01, 0.1, 0.3])
 def test_a_noisy_path_shows_in_the_residual_and_still_gives_the_velocity(noise):
     x0, x1, t, gen = _endpoints()
