@@ -119,6 +119,16 @@ def test_wrong_targets_are_told_apart():
     assert scaled[0].name == "the path velocity" and abs(scaled[0].ratio - 0.5) < 1e-9
 
 
+def test_every_candidate_has_a_typed_kind():
+    """The evidence reads a candidate's kind from its key once; a candidate without one would stop the judge."""
+    from fmcheck.checks.target.evidence import CANDIDATE_NAMES
+
+    x0, x1, t, gen = _endpoints()
+    eps = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    candidates = pf.candidate_targets(x0, x1, x0, x1 - x0, eps, 1 - t, without_noise=x1 - x0)
+    assert set(candidates) == set(CANDIDATE_NAMES)
+
+
 @pytest.mark.parametrize("noise", [0.01, 0.1, 0.3])
 def test_a_noisy_path_shows_in_the_residual_and_still_gives_the_velocity(noise):
     x0, x1, t, gen = _endpoints()
@@ -215,17 +225,22 @@ def test_a_pure_noise_source_without_head_or_kl_passes_and_says_what_it_did_not_
     assert _measurement(result, "kl gradient path").value == "no kl output: KL path not audited"
 
 
-@pytest.mark.parametrize("target, verdict, words", [
-    ("flipped", Verdict.FAIL, ["flipped sign", "x0 - x1", "cos -1.000"]),
-    ("eps", Verdict.FAIL, ["eps (the reparam noise)"]),
-    ("x0", Verdict.FAIL, ["it is x0 "]),
-    ("x1", Verdict.FAIL, ["it is x1 "]),
-    ("half", Verdict.FAIL, ["0.5x the path velocity"]),
-    ("double", Verdict.FAIL, ["2x the path velocity"]),
+def _codes(result) -> list[str]:
+    return [f.code for f in result.findings]
+
+
+@pytest.mark.parametrize("target, verdict, code, words", [
+    ("flipped", Verdict.FAIL, "target.sign_flipped", ["flipped sign", "x0 - x1", "cos -1.000"]),
+    ("eps", Verdict.FAIL, "target.epsilon", ["eps (the reparam noise)"]),
+    ("x0", Verdict.FAIL, "target.x0", ["it is x0 "]),
+    ("x1", Verdict.FAIL, "target.x1", ["it is x1 "]),
+    ("half", Verdict.FAIL, "target.scaled", ["0.5x the path velocity"]),
+    ("double", Verdict.FAIL, "target.scaled", ["2x the path velocity"]),
 ])
-def test_wrong_targets_fail_and_are_named(target, verdict, words):
+def test_wrong_targets_fail_and_are_named(target, verdict, code, words):
     result = _run(target=target)
     assert result.verdict is verdict, result.summary
+    assert _codes(result) == [code]
     for word in words:
         assert word in result.summary, result.summary
     assert result.hint
@@ -240,12 +255,14 @@ def test_a_flipped_target_in_the_reversed_convention_is_x1_minus_x0():
 def test_eps_target_with_a_noise_source_is_called_an_eps_target():
     result = _run(head=False, target="eps")
     assert result.verdict is Verdict.FAIL
+    assert _codes(result) == ["target.epsilon"]  # x0 is the source noise: an eps target, not target.x0
     assert "the source noise: an eps target" in result.summary
 
 
 def test_a_moving_target_fails_naming_the_parameters_it_reaches():
     result = _run(detach=False)
     assert result.verdict is Verdict.FAIL
+    assert _codes(result) == ["target.moving"]  # the graph and the gradient through the target: one cause
     assert "moving target" in result.summary and "head.net.0.weight" in result.summary
     assert _measurement(result, "trainable parameters v_target reaches").value == 4
     assert _measurement(result, "fm_loss gradient through v_target").verdict is Verdict.FAIL
@@ -254,6 +271,7 @@ def test_a_moving_target_fails_naming_the_parameters_it_reaches():
 def test_a_closed_reparameterisation_path_warns():
     result = _run(z0_detached=True)
     assert result.verdict is Verdict.WARN, result.summary
+    assert _codes(result) == ["target.reparam_closed"]
     assert "reparameterisation path is closed" in result.summary
     assert _measurement(result, "fm_loss reaches the head through x_t").value == 0
     assert _measurement(result, "kl reaches the head").verdict is Verdict.PASS
@@ -262,6 +280,7 @@ def test_a_closed_reparameterisation_path_warns():
 def test_a_frozen_module_receiving_gradient_fails():
     result = _run(vae_grad=True)
     assert result.verdict is Verdict.FAIL
+    assert "target.frozen_gradient" in _codes(result)
     assert "frozen module(s) vae receive gradient" in result.summary
     assert result.details["path"]["fit"]["ok"]  # the path audit itself is unaffected
 
@@ -269,6 +288,7 @@ def test_a_frozen_module_receiving_gradient_fails():
 def test_x_t_with_extra_noise_fails_on_the_span_residual():
     result = _run(xt_noise=0.1)
     assert result.verdict is Verdict.FAIL
+    assert "target.xt_off_span" in _codes(result)
     assert _measurement(result, "x_t off span(x0, x1)").value > 0.05
     assert "outside span(x0, x1)" in result.summary
 
@@ -276,18 +296,21 @@ def test_x_t_with_extra_noise_fails_on_the_span_residual():
 def test_x_t_built_with_another_t_fails_on_the_schedule_residual():
     result = _run(t_mode="shuffled")
     assert result.verdict is Verdict.FAIL
+    assert "target.t_mismatch" in _codes(result)
     assert "x_t does not follow t" in result.summary
 
 
 def test_x_t_computed_in_half_precision_warns():
     result = _run(xt_half=True)
     assert result.verdict is Verdict.WARN, result.summary
+    assert _codes(result) == ["target.xt_half_precision"]
     assert "exact float16 numbers" in result.summary
 
 
 def test_timestep_units_are_a_reported_convention_and_then_judged():
     result = _run(t_units=1000.0)
     assert result.verdict is Verdict.PASS, result.summary
+    assert _codes(result) == []  # a convention, not a finding
     assert "t in timestep units: judged as t / 1000" in result.summary
     assert _measurement(result, "t in timestep units").value > 900
     assert _measurement(result, "median cos(implied target, path velocity)").verdict is Verdict.PASS
@@ -303,6 +326,7 @@ def test_one_t_per_batch_draws_more_batches():
 def test_too_little_spread_in_t_warns_and_says_so():
     result = _run(t_mode="constant")
     assert result.verdict is Verdict.WARN
+    assert _codes(result) == ["target.path_not_fitted"]
     assert "path velocity not fitted" in result.summary and "after drawing 4 more batch(es)" in result.summary
     result = _run(t_mode="two_values")
     assert result.verdict is Verdict.WARN and "2 distinct value(s)" in result.summary
@@ -348,6 +372,7 @@ def test_without_v_target_and_without_an_implied_target_the_target_is_not_audite
     pipeline["step"] = l1
     result = run(coerce(pipeline), Settings(), only=["target"]).check("target")
     assert result.verdict is Verdict.WARN, result.summary
+    assert _codes(result) == ["target.unaudited"]
     assert "the target is not audited" in result.summary
 
 
@@ -368,7 +393,8 @@ def test_the_doc_renders_every_threshold():
 # ---------------------------------------------------------------------------------------------------------------------
 # the implied-target audit: maths
 # ---------------------------------------------------------------------------------------------------------------------
-from fmcheck.checks import _target_implied as ti  # noqa: E402
+from fmcheck.checks.target import implied as ti  # noqa: E402
+from fmcheck.checks.target import maths as tm  # noqa: E402
 
 
 def _gradient(loss_of, raw):
@@ -388,7 +414,7 @@ def test_solve_recovers_target_and_weight_through_preconditioning_and_weighting(
 
     raw = torch.randn(N, D, generator=gen, dtype=torch.float64)
     delta = torch.randn(N, D, generator=gen, dtype=torch.float64)
-    solved = ti.solve(raw, _gradient(loss_of, raw), _gradient(loss_of, raw + delta), delta)
+    solved = tm.solve(raw, _gradient(loss_of, raw), _gradient(loss_of, raw + delta), delta)
     assert torch.allclose(solved.target, x0 - x1, atol=1e-8)  # the path velocity d x_t / d sigma
     expected_k = 2 * (weight[:, 0] * t**2) / (N * D)
     assert torch.allclose(solved.k, expected_k, rtol=1e-8)
@@ -403,7 +429,7 @@ def test_solve_reports_a_loss_that_is_not_a_weighted_squared_error():
     def l1(out):
         return (out - (x1 - x0)).abs().mean()
 
-    solved = ti.solve(raw, _gradient(l1, raw), _gradient(l1, raw + delta), delta)
+    solved = tm.solve(raw, _gradient(l1, raw), _gradient(l1, raw + delta), delta)
     assert float(solved.misfit.median()) > ti.AFFINE_TOLERANCE
 
 
@@ -414,17 +440,17 @@ def test_zero_weight_samples_have_no_target():
     delta = torch.ones(4, 3, dtype=torch.float64)
     grad1 = grad0.clone()
     grad1[:2] += 2 * delta[:2]
-    solved = ti.solve(raw, grad0, grad1, delta)
+    solved = tm.solve(raw, grad0, grad1, delta)
     assert torch.allclose(solved.target[:2], torch.ones(2, 3, dtype=torch.float64))
     assert torch.isnan(solved.target[2:]).all()
 
 
 def test_weight_shape_names_power_laws_and_negative_weights():
     t = np.linspace(0.05, 0.95, 50)
-    assert ti.weight_shape(t, 3.0 * np.ones(50))["describe"] == "constant in t"
-    shape = ti.weight_shape(t, 0.1 * t**2)
+    assert tm.weight_shape(t, 3.0 * np.ones(50))["describe"] == "constant in t"
+    shape = tm.weight_shape(t, 0.1 * t**2)
     assert shape["describe"] == "~ t^2.00" and abs(shape["p"] - 2) < 1e-6
-    shape = ti.weight_shape(t, 1 - 8 * (t - 0.5) ** 2)
+    shape = tm.weight_shape(t, 1 - 8 * (t - 0.5) ** 2)
     assert shape["negative_share"] == pytest.approx(np.mean(1 - 8 * (t - 0.5) ** 2 < 0))
 
 
@@ -761,6 +787,7 @@ def test_timesteps_over_another_span_warn_instead_of_failing_the_norm_ratio():
     """t over 0..500 (num_train_timesteps = 500) is normalised by 1000: the target is right per t / 500."""
     result = _run(t_units=500.0)
     assert result.verdict is Verdict.WARN, result.summary
+    assert _codes(result) == ["target.timestep_span"]
     assert "the path reaches its end at raw t" in result.summary and "0.5x" in result.summary
     assert _run(t_units=500.0, target="flipped").verdict is Verdict.FAIL
     assert _run(t_units=1000.0, target="half").verdict is Verdict.FAIL  # the span is 1000: a real 0.5x

@@ -9,69 +9,14 @@ to a constant factor. The velocity needs only B, B' and the log-derivative A'/A,
 
     v = a' x0 + b' x1 = (A'/A)(t) (x_t - B(t) x1) + B'(t) x1.
 
-Pure functions on (N, D) tensors and (N,) numpy times; torch is imported lazily.
+The maths (``infer_path``) is in ``maths.py``; this module reads the module's inputs and ``encode``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-MIN_SAMPLES = 8  # fewer samples cannot support the two curves
-
-
-@dataclass
-class InferredPath:
-    ok: bool
-    reason: str = ""
-    expected: Any = None  # (N, D) the path velocity
-    source: Any = None  # (N, D) the inferred x0 direction, scaled by 1 / A(t)
-    describe: str = ""
-    direction: str = ""
-    ends: Optional[dict] = None
-
-
-def infer_path(xt, x1, t) -> InferredPath:
-    """The path velocity of each sample from x_t, x1 and the path time t (numpy, in [0, 1] units)."""
-    import numpy as np
-    import torch
-
-    from . import _path_fit as pf
-
-    xt, x1 = pf.flat(xt), pf.flat(x1)
-    t = np.asarray(t, dtype=np.float64)
-    n = int(xt.shape[0])
-    count, width = pf.spread(t)
-    if n < MIN_SAMPLES or count < pf.MIN_DISTINCT_T + 1 or width < pf.MIN_T_RANGE:
-        return InferredPath(False, f"{n} samples with {count} distinct t spanning {width:.3g}: too few to infer "
-                                   "the path without x0")
-    size = (x1 * x1).sum(1)
-    if bool((size <= 0).any()):
-        return InferredPath(False, "some x1 is zero")
-    b_hat = ((xt * x1).sum(1) / size).cpu().numpy()
-    b_curve = pf.fit_over_t(t, b_hat, max_degree=3)
-    b_t = torch.as_tensor(b_curve.value(t), dtype=torch.float64, device=xt.device)
-    rest = xt - b_t[:, None] * x1
-    # ||x_t - B x1|| scatters ~1/sqrt(2D) per sample around a(t) ||x0||: low degrees only (linear paths are exact)
-    norms = (rest.norm(dim=1) / math.sqrt(xt.shape[1])).cpu().numpy()
-    a_curve = pf.fit_over_t(t, norms, max_degree=3)
-    a_t = a_curve.value(t)
-    if not bool(np.all(a_t > 1e-3 * float(np.max(np.abs(a_t))))):
-        return InferredPath(False, "the source's share of x_t, ||x_t - b(t) x1||, reaches zero inside the t range: "
-                                   "its log-derivative is undefined there")
-    log_slope = torch.as_tensor(a_curve.slope(t) / a_t, dtype=torch.float64, device=xt.device)
-    db = torch.as_tensor(b_curve.slope(t), dtype=torch.float64, device=xt.device)
-    expected = log_slope[:, None] * rest + db[:, None] * x1
-    source = rest / torch.as_tensor(a_t, dtype=torch.float64, device=xt.device)[:, None]
-    lo, hi = float(t.min()), float(t.max())
-    ends = {"t": [lo, hi], "b": [float(b_curve.value(np.array([lo]))[0]), float(b_curve.value(np.array([hi]))[0])],
-            "a (relative)": [float(a_curve.value(np.array([lo]))[0] / a_curve.value(np.array([hi]))[0]), 1.0]}
-    rising = ends["b"][1] > ends["b"][0]
-    direction = "t=1 at the data (x1)" if rising else "t=1 at the source (x0)"
-    return InferredPath(True, expected=expected, source=source, direction=direction, ends=ends,
-                        describe=f"b(t) {b_curve.describe()}, a(t) up to a factor {a_curve.describe()} "
-                                 "(inferred from x_t and x1)")
+from .maths import infer_path, thin, weight_shape
 
 
 def compare_inferred(ctx, batch, probe, solved, obs: dict[str, Any]) -> dict[str, Any]:
@@ -80,9 +25,9 @@ def compare_inferred(ctx, batch, probe, solved, obs: dict[str, Any]) -> dict[str
     target compared with that path's velocity."""
     import torch
 
-    from . import _path_fit as pf
-    from . import _structure_math as sm
-    from ._target_implied import PROBE_SALT, _thin, compare_with_path, weight_shape
+    from .. import _path_fit as pf
+    from .. import _structure_math as sm
+    from .implied import PROBE_SALT, compare_with_path
 
     raw = probe.raw
     n = int(raw.shape[0])
@@ -113,7 +58,7 @@ def compare_inferred(ctx, batch, probe, solved, obs: dict[str, Any]) -> dict[str
                        "target: the loss gradient", "x0: x_t - b(t) x1 (a source independent of the data)"]
     obs["weight"] = weight_shape(t, solved.k.cpu().numpy())
     median = obs["weight"].get("median") or 1.0
-    keep = _thin(n)
+    keep = thin(n)
     obs["weight_curve"] = {"t": t[keep].tolist(), "k": (solved.k.cpu().numpy()[keep] / median).tolist()}
     if not path.ok:
         return {**obs, "compared": False, "not_compared": path.reason}

@@ -12,87 +12,23 @@ slope k_i = <g1_i - g0_i, delta_i> / ||delta_i||^2 (the implied loss weight) and
 target_i = raw_i - g0_i / k_i. The misfit of g1 - g0 to k_i delta_i says whether that model holds (an L1 or Huber
 loss, or weights that vary inside a sample, do not fit it).
 
-This module holds the pure maths (tested on synthetic tensors) and the probe that runs the user's step with a
-forward hook replacing the module's output. Torch is imported inside functions: `fmcheck --help` must not load it.
+This module holds the probe that runs the user's step with a forward hook replacing the module's output; the maths
+(``solve``, ``weight_shape``) is in ``maths.py``. Torch is imported inside functions: `fmcheck --help` must not load
+it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ._structure_math import layout_map  # noqa: F401  (the packed-latents match, shared with `structure`)
+from .._structure_math import layout_map  # noqa: F401  (the packed-latents match, shared with `structure`)
+from .maths import solve, thin, weight_shape
 
 PROBE_SALT = 0  # batch 0, step_index 0, salt 0: the very randomness of the cached outputs the path fit uses
 REPLAY_TOLERANCE = 1e-4  # relative difference between the two probes' raw outputs above which the replay failed
 AFFINE_TOLERANCE = 0.02  # median misfit of g1 - g0 to k delta above which the loss is not a weighted squared error
-ZERO_WEIGHT = 1e-9  # |k_i| below this fraction of max |k| counts as a sample the loss does not train
-
-
-# -- the maths --------------------------------------------------------------------------------------------------------
-@dataclass
-class Solved:
-    k: Any  # (N,) implied per-sample weight
-    target: Any  # (N, D) implied target of the raw output (NaN rows where k is zero)
-    misfit: Any  # (N,) ||g1 - g0 - k delta|| / ||g1 - g0||: 0 for a weighted squared error
-
-
-def solve(raw, g0, g1, delta) -> Solved:
-    """Per sample, the affine map g = k (raw - target) through the two probes; all (N, D) tensors."""
-    import torch
-
-    raw, g0, g1, delta = (x.detach().reshape(x.shape[0], -1).to(torch.float64) for x in (raw, g0, g1, delta))
-    change = g1 - g0
-    k = (change * delta).sum(1) / (delta * delta).sum(1)
-    rest = (change - k[:, None] * delta).norm(dim=1)
-    size = change.norm(dim=1)
-    misfit = torch.where(size > 0, rest / torch.where(size > 0, size, torch.ones_like(size)),
-                         torch.zeros_like(size))
-    scale = float(k.abs().max()) if k.numel() else 0.0
-    trained = k.abs() > ZERO_WEIGHT * scale
-    safe = torch.where(trained, k, torch.ones_like(k))
-    target = torch.where(trained[:, None], raw - g0 / safe[:, None], torch.full_like(raw, float("nan")))
-    return Solved(k=k, target=target, misfit=misfit)
-
-
-def weight_shape(t, k) -> dict[str, Any]:
-    """How the implied weight varies with the path's time: k normalised to its median, its spread, and the power law
-    k ~ c t^p (1 - t)^q fitted in logs over the samples with k > 0 and t inside (0, 1) (SD3's precondition_outputs
-    with t = sigma gives p = 2, q = 0; a constant weight p = q = 0)."""
-    import numpy as np
-
-    t = np.asarray(t, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    positive = k > 0
-    out: dict[str, Any] = {"negative_share": float(np.mean(k < 0)) if k.size else 0.0}
-    if not positive.any():
-        out.update(median=0.0, spread=math.nan, describe="no sample has a positive weight")
-        return out
-    median = float(np.median(k[positive]))
-    norm = k / median
-    out["median"] = median
-    out["spread"] = float(norm[positive].max() / norm[positive].min())
-    inside = positive & (t > 1e-6) & (t < 1 - 1e-6)
-    if out["spread"] < 1.01:
-        out.update(p=0.0, q=0.0, describe="constant in t")
-        return out
-    if inside.sum() >= 4 and np.ptp(t[inside]) > 0:
-        design = np.stack([np.ones(inside.sum()), np.log(t[inside]), np.log1p(-t[inside])], 1)
-        coef, *_ = np.linalg.lstsq(design, np.log(norm[inside]), rcond=None)
-        fitted = design @ coef
-        resid = float(np.sqrt(np.mean((np.log(norm[inside]) - fitted) ** 2)))
-        p, q = (float(x) for x in coef[1:])
-        out.update(p=p, q=q, log_residual=resid)
-        if resid < 0.05:
-            terms = [f"t^{p:.2f}" if abs(p) > 0.05 else "", f"(1-t)^{q:.2f}" if abs(q) > 0.05 else ""]
-            out["describe"] = "~ " + (" ".join(x for x in terms if x) or "constant")
-            return out
-    corr = float(np.corrcoef(t[positive], norm[positive])[0, 1]) if positive.sum() > 2 and np.ptp(t) > 0 else 0.0
-    out["describe"] = (f"varies {out['spread']:.3g}x over the batch (correlation with t {corr:+.2f}); no power law "
-                       "of t and 1 - t fits")
-    return out
 
 
 # -- module outputs ---------------------------------------------------------------------------------------------------
@@ -138,7 +74,7 @@ def run_probe(ctx, module, batch, shift=None) -> Probe:
     """One step with the module's first output replaced by a leaf holding it (plus ``shift``); d loss / d leaf."""
     import torch
 
-    from . import _structure_math as sm
+    from .. import _structure_math as sm
 
     probe = Probe()
     leaf_box: list = []
@@ -187,7 +123,7 @@ def locate(ctx, batch) -> tuple[Any, str, str]:
     forward hooks (the outermost trainable module called with the step's x_t); (None, "", reason) when neither."""
     if ctx.pipeline.velocity is not None:
         return ctx.pipeline.velocity, "velocity", "pipeline field 'velocity'"
-    from .structure import _find_velocity
+    from ..structure import _find_velocity
 
     found = _find_velocity(ctx, batch)
     if found.call is None:
@@ -195,7 +131,6 @@ def locate(ctx, batch) -> tuple[Any, str, str]:
     return found.call.module, found.call.name, found.how
 
 
-SCATTER_POINTS = 512
 
 
 def compare_with_path(obs: dict[str, Any], target: Any, expected: Any, rows: Any, t_values: Any) -> bool:
@@ -205,7 +140,7 @@ def compare_with_path(obs: dict[str, Any], target: Any, expected: Any, rows: Any
     import numpy as np
     import torch
 
-    from . import _path_fit as pf
+    from .. import _path_fit as pf
 
     cos, ratio = pf.cosine_and_ratio(target[rows], expected[rows])
     finite = torch.isfinite(cos) & torch.isfinite(ratio)
@@ -218,16 +153,9 @@ def compare_with_path(obs: dict[str, Any], target: Any, expected: Any, rows: Any
     obs["cos_median"], obs["ratio_median"], obs["cos_p05"] = (float(x) for x in summary)
     obs["cos_samples"] = [round(float(x), 5) for x in cos_f.cpu().tolist()]
     t_rows = np.asarray(t_values)[rows.cpu().numpy()][finite.cpu().numpy()]
-    keep = _thin(len(obs["cos_samples"]))
+    keep = thin(len(obs["cos_samples"]))
     obs["cos_curve"] = {"t": t_rows[keep].tolist(), "cos": np.asarray(obs["cos_samples"])[keep].tolist()}
     return True
-
-
-def _thin(count: int) -> Any:
-    import numpy as np
-
-    return np.unique(np.linspace(0, count - 1, min(count, SCATTER_POINTS)).round().astype(int)) if count else \
-        np.zeros(0, dtype=int)
 
 
 def _as_layout(target, raw, out, probe: Probe) -> tuple[Optional[Any], str]:
@@ -256,7 +184,7 @@ def _layout_from_inputs(raw, xt, probe: Probe) -> Optional[Any]:
     """Among the module's inputs, the tensor shaped like its output that holds the step's x_t in another layout."""
     import torch
 
-    from . import _structure_math as sm
+    from .. import _structure_math as sm
 
     for _, value in sm.iter_slots(probe.args, probe.kwargs or {}):
         if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(raw.shape):
@@ -273,15 +201,16 @@ def measure_implied(ctx, path_fit: dict, t_scale: Optional[float]) -> dict[str, 
     import numpy as np
     import torch
 
-    from . import _path_fit as pf
-    from . import _structure_math as sm
+    from .. import _path_fit as pf
+    from .. import _structure_math as sm
 
     fit = path_fit.get("fit")
     batch = ctx.batches(1)[0]
     module, name, how = locate(ctx, batch)
     if module is None:
         return {"ok": False, "reason": how}
-    obs: dict[str, Any] = {"module": name, "how": how}
+    # declared: the pipeline field, which the sampler integrates (found by hooks, it may be an inner module)
+    obs: dict[str, Any] = {"module": name, "how": how, "declared": module is ctx.pipeline.velocity}
     first = run_probe(ctx, module, batch)
     if first.reason:
         return {**obs, "ok": False, "reason": first.reason}
@@ -314,7 +243,7 @@ def measure_implied(ctx, path_fit: dict, t_scale: Optional[float]) -> dict[str, 
     trained = torch.isfinite(solved.target).all(1)
     obs["zero_weight_share"] = float(1 - trained.double().mean())
     if any(key not in out for key in ("x0", "x1", "xt", "t")):
-        from ._target_inferred import compare_inferred
+        from .inferred import compare_inferred
 
         return compare_inferred(ctx, batch, first, solved, obs)
     t_values = None
@@ -326,7 +255,7 @@ def measure_implied(ctx, path_fit: dict, t_scale: Optional[float]) -> dict[str, 
     obs["weight"] = weight_shape(t_values if t_values is not None else np.zeros(n), k_host)
     if t_values is None:
         obs["weight"]["describe"] = "no per-sample t returned: the weight's shape in t is unknown"
-    keep = _thin(n)
+    keep = thin(n)
     median = obs["weight"].get("median") or 1.0
     obs["weight_curve"] = {"t": (t_values[keep].tolist() if t_values is not None else []),
                            "k": (k_host[keep] / median).tolist()}
