@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fmcheck.checks import _overfit_math as om
+from fmcheck.checks.overfit import maths as om
 from fmcheck.checks.overfit import OverfitCheck, OverfitThresholds
 from fmcheck.config import Settings
 from fmcheck.contract import coerce
@@ -403,7 +403,7 @@ def test_a_short_time_budget_never_fails_what_a_long_one_decides(bug, monkeypatc
     import time
     from types import SimpleNamespace
 
-    import fmcheck.checks.overfit as overfit_module
+    import fmcheck.checks.overfit.measure as overfit_module
 
     verdicts = {}
     for budget in (2.5, 600.0):
@@ -426,7 +426,7 @@ def test_a_step_that_hangs_ends_the_check_within_the_budget_and_its_grace(monkey
     import time
     from types import SimpleNamespace
 
-    import fmcheck.checks.overfit as overfit_module
+    import fmcheck.checks.overfit.measure as overfit_module
 
     monkeypatch.setattr(overfit_module, "time", SimpleNamespace(perf_counter=lambda: 0.0, monotonic=time.monotonic,
                                                                 process_time=time.process_time))
