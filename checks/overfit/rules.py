@@ -166,7 +166,7 @@ def _stalled(ev: Evidence, th) -> Optional[Hit]:
     return Hit.of(observed=ev.projected_fall, bound=f">= {th.trend_reach:g} x {ev.drop_needed(th):g}",
                   unit="projected relative fall", budget=ev.budget_steps, step=ev.step, progress=w.progress(ev),
                   needs=w.needs(ev, th), reach=w.percent(ev.projected_fall), cos=cos, regime=w.regime(ev),
-                  because=w.because(ev), first=w.first_fixes(ev))
+                  because=w.because(ev), also=w.also_fixes(ev))
 
 
 def _scale_moving(ev: Evidence, th) -> Optional[Hit]:
@@ -267,7 +267,7 @@ RULES = (
     Rule("overfit.stalled", Verdict.FAIL, "The run will not overfit the set within the step budget",
          "will not overfit within {budget} steps: after {step} steps {progress} ({needs}); even optimistic trends "
          "reach only a {reach} fall{cos}{regime}{because}",
-         "{first}" + w.GENERIC,
+         w.GENERIC + "{also}",
          _stalled,
          doc="From `trend_after` (30%) of --max-steps on, the recent slopes of the relative fm_loss and of cos "
              "(least squares over the later half of the checkpoints) are extrapolated `trend_optimism` (2) times "
@@ -292,7 +292,7 @@ RULES = (
              "(a head still finding its scale from a far-off start) can raise `scale_warn`."),
     Rule("overfit.inconclusive", Verdict.WARN, "The step or time budget ended the run before a verdict",
          "inconclusive: the {budget} ended the run after {observed} steps, before a verdict{so_far}{regime}{because}",
-         "give it more room: {room}",
+         "give it more room, with the option whose budget ended the run: {room}",
          _inconclusive,
          doc="The run stops at the checkpoint that decides; when --max-steps is spent first (the last, partial "
              "window judged too) or the --time-budget ends (never judged on a partial window: where the clock "

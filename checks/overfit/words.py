@@ -63,12 +63,12 @@ def because(ev: Evidence) -> str:
     return f" ({'; '.join(causes)})" if causes else ""
 
 
-def first_fixes(ev: Evidence) -> str:
-    """The fixes that come before going back to the other checks, when the numbers name them."""
+def also_fixes(ev: Evidence) -> str:
+    """The fixes the numbers name besides going back to the other checks (modules outside the optimizer, silent)."""
     fixes = (["add the missing parameters to the optimizer"] if ev.missing else []) + (
         [f"compute v_pred with autograd from {', '.join(ev.quiet)} (no torch.no_grad, .detach(), .data)"]
         if ev.quiet else [])
-    return "; ".join(fixes) + "; then " if fixes else ""
+    return "; and " + "; ".join(fixes) if fixes else ""
 
 
 def more_time(ev: Evidence) -> str:

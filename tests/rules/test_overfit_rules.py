@@ -119,7 +119,7 @@ def test_a_hopeless_trend_fails_and_says_how_far_the_optimistic_trends_reach():
     assert "even optimistic trends reach only a 7% fall and cos 0.06" in hit.message
     assert hit.fix == "go back to scale, target and gradients (`fmcheck all`)"
     quiet = only(evidence(om.STALLED, step=96, final=flat, projected_fall=0.07, projected_cos=0.06, quiet=("head",)))
-    assert quiet.fix.startswith("compute v_pred with autograd from head") and "'head' receives no gradient" in \
+    assert quiet.fix.endswith("; and compute v_pred with autograd from head (no torch.no_grad, .detach(), .data)") and "'head' receives no gradient" in \
         quiet.message
 
 
