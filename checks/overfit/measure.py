@@ -177,7 +177,7 @@ def measure(ctx, thresholds) -> dict[str, Any]:
         record(initial_stats[index], out)
     del before, first
     initial_rows = initial_stats.tolist()
-    rules = _rules(thresholds, replayed)
+    rules = _stop_rule(thresholds, replayed)
     tracker = om.Tracker(columns, epoch=epoch, window=window, rules=rules, nonfinite_keys=nonfinite_keys,
                          initial_rows=initial_rows,
                          not_in_optimizer=[name for name, count in missing.items() if count],
@@ -286,7 +286,7 @@ def measure(ctx, thresholds) -> dict[str, Any]:
     return observation
 
 
-def _rules(thresholds, replayed: bool) -> om.Rules:
+def _stop_rule(thresholds, replayed: bool) -> om.Rules:
     """The stop rule's bounds for the regime the replay verification found."""
     if replayed:
         drop, gain = thresholds.loss_drop, None
