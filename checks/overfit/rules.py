@@ -163,8 +163,8 @@ def _stalled(ev: Evidence, th) -> Optional[Hit]:
     if ev.outcome != om.STALLED:
         return None
     cos = f" and cos {ev.projected_cos:.2f}" if ev.projected_cos is not None else ""
-    return Hit.of(observed=ev.projected_fall, bound=f">= {th.trend_reach:g} x {ev.drop_needed(th):g}",
-                  unit="projected relative fall", budget=ev.budget_steps, step=ev.step, progress=w.progress(ev),
+    return Hit.of(observed=ev.projected_fall, bound=f">= {th.trend_reach * ev.drop_needed(th):.3g}",
+                  unit="relative fall, projected", budget=ev.budget_steps, step=ev.step, progress=w.progress(ev),
                   needs=w.needs(ev, th), reach=w.percent(ev.projected_fall), cos=cos, regime=w.regime(ev),
                   because=w.because(ev), also=w.also_fixes(ev))
 
