@@ -45,13 +45,15 @@ def measurements(obs: dict[str, Any], ev: Evidence, thresholds) -> list[Measurem
     initial, final = obs["initial"], obs["points"][-1]
     loss_name = ev.loss_name
     head = [base[1]]  # steps to verdict, then the numbers the verdict rests on
+    # A bound missed is a FAIL row only where a FAIL finding stands on the run; when a budget ended it, a WARN.
+    fails = ev.outcome in om.FAILURES
+    bar = (lambda bound: {"warn": None, "fail": bound}) if fails else (lambda bound: {"warn": bound, "fail": None})
     if ev.has_v:
-        head.append(at_least("cos final", final["cos"], warn=None, fail=ev.cos_needed(thresholds)))
-    head.append(at_least(f"relative {loss_name} fall", ev.fall, warn=None, fail=ev.drop_needed(thresholds),
-                         unit="fraction"))
+        head.append(at_least("cos final", final["cos"], **bar(ev.cos_needed(thresholds))))
+    head.append(at_least(f"relative {loss_name} fall", ev.fall, **bar(ev.drop_needed(thresholds)), unit="fraction"))
     if obs["has_scale"]:
         head.append(ratio_within("scale drift", final["drift"], warn_factor=thresholds.scale_warn,
-                                 fail_factor=thresholds.scale_fail))
+                                 fail_factor=thresholds.scale_fail if fails else None))
     if ev.outcome in (om.SCALE_DRIFT, om.SCALE_MOVING):
         head.insert(1, head.pop())  # the scale first when it decides
     rows = head + [base[0], base[3], base[2], base[4]]
@@ -62,7 +64,7 @@ def measurements(obs: dict[str, Any], ev: Evidence, thresholds) -> list[Measurem
                          "step output lacks 'v_pred', 'v_target': judged on the loss alone"))
     diverge_at = thresholds.diverge * initial["fm"]
     rows += [info(f"{loss_name} initial", initial["fm"]),
-             at_most(f"{loss_name} final", final["fm"], warn=None, fail=diverge_at)  # divergence
+             at_most(f"{loss_name} final", final["fm"], **bar(diverge_at))  # divergence
              if math.isfinite(diverge_at) and diverge_at > 0 else info(f"{loss_name} final", final["fm"])]
     if ev.has_v:
         rows += [info("fm_loss / mean(v_target^2) initial", initial["rel"]),

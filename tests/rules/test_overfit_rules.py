@@ -3,8 +3,6 @@ quiet near its bound. No torch, no user code."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from fmcheck.checks.overfit import OverfitCheck, OverfitThresholds
@@ -187,22 +185,37 @@ def test_an_unknown_outcome_is_an_error_not_a_silent_pass():
         Evidence.from_observation(obs)
 
 
-def test_the_measurements_agree_with_the_findings_on_a_failing_case():
-    """A FAIL finding is backed by a FAIL measurement on the same number (the scale drift)."""
-    from fmcheck.checks.overfit.table import measurements
-
+def observation(outcome: str, final: dict, **decision) -> dict:
+    """A recorded run as `measure` returns it (only what the judge reads)."""
     initial = {"step": 0, "fm": 1.2, "rel": 1.14, "cos": 0.01, "ratio": 0.99, "drift": 1.0, "loss": 1.2, "kl": 0.1,
                "grad": 1.0, "vnorm": 5.0}
-    final = {**initial, "step": 56, "fm": 0.5, "rel": 0.2, "cos": 0.89, "ratio": 3.06, "drift": 3.09}
-    obs = {"decision": {"outcome": om.SCALE_DRIFT, "step": 56, "drift": 3.09}, "initial": initial, "points": [final],
-           "samples": 128, "requested_samples": 128, "batches": 4, "randomness": "replayed", "changed_outputs": [],
-           "fm_source": "fm_loss", "params_missing_from_optimizer": {"head": 0, "velocity": 0},
-           "params_trainable": {"head": 10, "velocity": 20}, "module_grad_final": {"head": 1.0, "velocity": 2.0},
-           "best_cos": 0.89, "kl_weight": 1e-6, "start_step": 500, "budget_steps": 300, "steps_run": 56,
-           "time_budget": 60.0, "timing": {"seconds_to_verdict": 1.0}, "budget_note": "--time-budget 60",
-           "has_scale": True, "has_kl": True, "grad_initial": 1.0, "extras": {}, "lr": 1e-3}
+    return {"decision": {"outcome": outcome, "step": final["step"], **decision}, "initial": initial,
+            "points": [{**initial, **final}], "samples": 128, "requested_samples": 128, "batches": 4,
+            "randomness": "replayed", "changed_outputs": [], "fm_source": "fm_loss",
+            "params_missing_from_optimizer": {"head": 0, "velocity": 0},
+            "params_trainable": {"head": 10, "velocity": 20},
+            "module_grad_final": {"head": 1.0, "velocity": 2.0}, "best_cos": final["cos"], "kl_weight": 1e-6,
+            "start_step": 500, "budget_steps": 300, "steps_run": final["step"], "time_budget": 60.0,
+            "timing": {"seconds_to_verdict": 1.0}, "budget_note": "--time-budget 60", "has_scale": True,
+            "has_kl": True, "grad_initial": 1.0, "extras": {}, "lr": 1e-3}
+
+
+def test_the_measurements_agree_with_the_findings():
+    """A FAIL finding is backed by a FAIL row on the same number (the scale drift); a run a budget ended, whose
+    finding is a WARN, has no FAIL row, though its cos and its fall missed their bounds."""
+    from fmcheck.checks.overfit.table import measurements
+
+    obs = observation(om.SCALE_DRIFT, {"step": 56, "fm": 0.5, "rel": 0.2, "cos": 0.89, "ratio": 3.06, "drift": 3.09},
+                      drift=3.09)
     ev = Evidence.from_observation(obs)
     assert [f.code for f in findings(ev)] == ["overfit.scale_drift"]
     rows = {m.name: m for m in measurements(obs, ev, TH)}
     assert rows["scale drift"].verdict is Verdict.FAIL and rows["scale drift"].value == pytest.approx(3.09)
-    assert not math.isnan(rows["relative fm_loss fall"].value)
+
+    obs = observation(om.BUDGET, {"step": 300, "fm": 1.0, "rel": 0.9, "cos": 0.5, "ratio": 3.5, "drift": 3.5})
+    ev = Evidence.from_observation(obs)
+    assert [(f.code, f.verdict) for f in findings(ev)] == [("overfit.inconclusive", Verdict.WARN)]
+    rows = {m.name: m for m in measurements(obs, ev, TH)}
+    assert rows["cos final"].verdict is Verdict.WARN and rows["relative fm_loss fall"].verdict is Verdict.WARN
+    assert rows["scale drift"].verdict is Verdict.WARN
+    assert not [m.name for m in rows.values() if m.verdict is Verdict.FAIL]
