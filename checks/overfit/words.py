@@ -33,7 +33,8 @@ def progress(ev: Evidence) -> str:
 
 def needs(ev: Evidence, th) -> str:
     cos = ev.cos_needed(th)
-    return f"a pass needs a relative fall of {ev.drop_needed(th):.0%}" + (f" and cos >= {cos:.2f}" if cos else "")
+    fall = f"a pass needs a relative fall of {ev.drop_needed(th):.0%}"
+    return fall + (f" and cos >= {cos:.2f}" if cos is not None else "")
 
 
 def so_far(ev: Evidence, th) -> str:
