@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fmcheck.checks import _overfit_math as om
+from fmcheck.checks.overfit import maths as om
 from fmcheck.checks.overfit import OverfitCheck, OverfitThresholds
 from fmcheck.config import Settings
 from fmcheck.contract import coerce
@@ -296,6 +296,7 @@ def passing_run():
 def test_a_correct_small_pipeline_overfits_and_reports_its_numbers(passing_run):
     result, recorder = passing_run
     assert result.verdict is Verdict.PASS, result.summary
+    assert result.findings == []
     assert result.summary.startswith("overfits 32 samples in ")
     steps = measured(result, "steps to verdict").value
     assert 16 <= steps < 300
@@ -323,6 +324,7 @@ def test_a_nan_mid_run_fails_at_once_naming_the_output_and_the_step():
     report, result = run_overfit(quick(nan_at=507))  # start_step = total_steps // 2 = 500
     assert result.verdict is Verdict.FAIL
     assert result.details["outcome"] == om.NONFINITE
+    assert [f.code for f in result.findings] == ["overfit.nonfinite"]
     assert "'xt' is non-finite at overfit step 7, after 7 updates (step_index 507)" in result.summary
     assert "v_pred" in result.summary  # what follows from it is listed after the origin
     assert measured(result, "first non-finite output").value == "xt at step 7"
@@ -332,6 +334,7 @@ def test_a_velocity_net_that_gets_no_gradient_fails_at_the_first_checkpoint_and_
     report, result = run_overfit(quick(no_grad_velocity=True))
     assert result.verdict is Verdict.FAIL
     assert result.details["outcome"] == om.NO_GRADIENT
+    assert [f.code for f in result.findings] == ["overfit.no_gradient"]
     assert "'velocity' received no gradient in any of the first 8 steps" in result.summary
     assert measured(result, "grad norm 'velocity' final").verdict is Verdict.WARN
     assert measured(result, "steps to verdict").value == result.details["window"] == 8
@@ -341,6 +344,7 @@ def test_an_optimizer_that_misses_the_velocity_net_fails_and_names_it():
     report, result = run_overfit(quick(head_only_optimizer=True))
     assert result.verdict is Verdict.FAIL
     assert "the optimizer does not hold 'velocity'" in result.summary
+    assert [f.code for f in result.findings] == ["overfit.not_in_optimizer"]
     assert measured(result, "'velocity' parameters not in the optimizer").value > 0
 
 
@@ -348,6 +352,7 @@ def test_a_kl_too_weak_to_hold_the_head_fails_as_scale_drift():
     report, result = run_overfit(quick(kl_weight=0.0, head_lr=3e-2))  # no KL, a faster head
     assert result.verdict is Verdict.FAIL, result.summary
     assert result.summary.startswith("scale drift: ||x0||/||x1|| went ")
+    assert [(f.code, f.bound) for f in result.findings] == [("overfit.scale_drift", "within 3x")]
     assert "limit 3x" in result.summary and "KL weight of 0" in result.summary
     assert "KL weight" in result.hint and "ratio correction" in result.hint
     assert measured(result, "scale drift").verdict is Verdict.FAIL
@@ -403,7 +408,7 @@ def test_a_short_time_budget_never_fails_what_a_long_one_decides(bug, monkeypatc
     import time
     from types import SimpleNamespace
 
-    import fmcheck.checks.overfit as overfit_module
+    import fmcheck.checks.overfit.measure as overfit_module
 
     verdicts = {}
     for budget in (2.5, 600.0):
@@ -414,6 +419,7 @@ def test_a_short_time_budget_never_fails_what_a_long_one_decides(bug, monkeypatc
     short, long = verdicts[2.5], verdicts[600.0]
     assert short.verdict is Verdict.WARN, short.summary
     assert short.details["outcome"] == om.OUT_OF_TIME and short.details["steps_run"] == 3
+    assert [(f.code, f.verdict) for f in short.findings] == [("overfit.inconclusive", Verdict.WARN)]
     assert short.summary.startswith("inconclusive: the time budget (2.5 s) ended the run after 3 steps")
     assert "--time-budget 60" in short.hint
     assert long.verdict is (Verdict.FAIL if bug else Verdict.PASS), long.summary
@@ -426,7 +432,7 @@ def test_a_step_that_hangs_ends_the_check_within_the_budget_and_its_grace(monkey
     import time
     from types import SimpleNamespace
 
-    import fmcheck.checks.overfit as overfit_module
+    import fmcheck.checks.overfit.measure as overfit_module
 
     monkeypatch.setattr(overfit_module, "time", SimpleNamespace(perf_counter=lambda: 0.0, monotonic=time.monotonic,
                                                                 process_time=time.process_time))
@@ -435,6 +441,7 @@ def test_a_step_that_hangs_ends_the_check_within_the_budget_and_its_grace(monkey
     report, result = run_overfit(quick(pause=pause), time_budget=1.0)
     assert result.verdict is Verdict.WARN, result.summary
     assert result.details["outcome"] == om.HUNG and result.details["steps_run"] <= 3  # 3 unless the alarm came first
+    assert [(f.code, f.verdict) for f in result.findings] == [("overfit.step_hung", Verdict.WARN)]
     assert result.summary.startswith("inconclusive: a step exceeded the time budget (1 s) after ")
     assert result.duration_s < 30  # budget 1 s + grace 1 s (+ setup), not the 300 s default limit
 
@@ -627,6 +634,7 @@ def test_the_nan_digits_fixture_fails_before_training(digits_available):
     result = run_overfit(build(), samples=128)[1]
     assert result.verdict is Verdict.FAIL
     assert "'kl' is non-finite at the first forward, before any update" in result.summary
+    assert [f.code for f in result.findings] == ["overfit.nonfinite"]
 
 
 def test_the_digits_verdict_is_replayed_and_quick(digits_available):
@@ -661,3 +669,4 @@ def test_the_digits_overfit_bugs_fail(digits_available, name):
     expected = {"overfit_optimizer_misses_velocity": om.NOT_IN_OPTIMIZER,
                 "overfit_velocity_under_no_grad": om.NO_GRADIENT, "overfit_kl_weight_too_weak": om.SCALE_DRIFT}
     assert result.details["outcome"] == expected[name]
+    assert [f.code for f in result.findings] == ["overfit." + expected[name]]  # the outcome's own rule, alone

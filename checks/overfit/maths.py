@@ -1,4 +1,4 @@
-"""Pure decision rules of the `overfit` check: window means, trends and the early verdict.
+"""Pure maths of the `overfit` check: window means, trends and the stop rule (the checkpoint that decides).
 
 No torch, no numpy: the check's loop records one row of statistics per training step on the device, reads them to
 the host from time to time, and hands the rows to these functions. Every rule is evaluated at fixed *checkpoints*
