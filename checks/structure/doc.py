@@ -46,10 +46,12 @@ DOC = CheckDoc(
         "**Precision.** fp16 compute in the velocity forward (autocast with dtype float16 seen from inside the "
         "forward, or float16 parameters, or a float16 `v_pred`) without an enabled `grad_scaler` warns; bf16 "
         "needs none. (x_t built in half precision is the `target` check's finding, "
-        "`target.xt_half_precision`.) Any NaN or Inf in any step output, over the measuring batches, fails (the key and batch are named).\n\n"
+        "`target.xt_half_precision`.) Any NaN or Inf in any step output, over the measuring batches, fails (the key "
+        "and batch are named).\n\n"
         "**Frozen modules.** Every frozen module, the VAE included (the pipeline field `frozen`, plus `vae` "
         "when it is a module not already listed: `Pipeline.frozen_modules()`), inspected before and after the "
-        "step; this check owns their hygiene for every other check. Train mode matters only through layers whose forward differs in it, so fmcheck looks for those "
+        "step; this check owns their hygiene for every other check. Train mode matters only through layers whose "
+        "forward differs in it, so fmcheck looks for those "
         "in train mode: dropout with p > 0 (`nn.Dropout*`, `AlphaDropout`), normalisation with running "
         "statistics (`BatchNorm*`, `SyncBatchNorm`, `InstanceNorm` with `track_running_stats`), RNN or "
         "`MultiheadAttention` dropout > 0, stochastic depth (`DropPath`, `StochasticDepth`, `DropBlock`), and "
@@ -67,7 +69,8 @@ DOC = CheckDoc(
         "learns a function of t first and x_t second. The opposite is as costly and more silent: t in [0, 1] "
         "fed to an embedding built for timesteps in [0, 1000] (or t dropped on the way) gives an embedding "
         "that barely moves, and the net must learn the velocity field without knowing where on the path it "
-        "is. fp16 without loss scaling underflows small gradients to zero. A frozen VAE or text encoder left in train mode keeps "
+        "is. fp16 without loss scaling underflows small gradients to zero. A frozen VAE or text encoder left in train "
+        "mode keeps "
         "dropout noise (and, for some VAEs, posterior noise or batch statistics) in what should be fixed "
         "targets and conditions; a frozen module in the optimizer is trained after all."
     ),
@@ -82,7 +85,8 @@ DOC = CheckDoc(
         "small, or check the sin/cos amplitude. Time ignored: feed t in the units the embedding was built for "
         "(multiply t in [0, 1] by the number of training timesteps, or build the embedding for [0, 1]) and "
         "make sure t reaches the net. fp16: use torch.amp.GradScaler (scaler.scale(loss).backward(), "
-        "scaler.step(opt), scaler.update()) and set the pipeline field `grad_scaler`, or use bfloat16. Frozen modules: call .eval() and .requires_grad_(False) on "
+        "scaler.step(opt), scaler.update()) and set the pipeline field `grad_scaler`, or use bfloat16. Frozen "
+        "modules: call .eval() and .requires_grad_(False) on "
         "frozen modules after any model.train(), and never put them in the optimizer."
     ),
     causes=(
@@ -112,7 +116,8 @@ DOC = CheckDoc(
         "A net blind to t at initialisation is judged at its time features (flat or aliased); a time embedding "
         "that is not a sinusoid of t (a learned table, raw t concatenated to x_t) has no separate time features "
         "and only the output balance applies. A net blind to t in another way (identical time "
-        "parameters, or t meeting x_t beyond the first 64 layer calls) warns `structure.time_blind`, naming both causes; the balance is not "
+        "parameters, or t meeting x_t beyond the first 64 layer calls) warns `structure.time_blind`, naming both "
+        "causes; the balance is not "
         "re-measured after training steps.",
         "Autocast entered inside the velocity module's own forward is seen only through v_pred's dtype.",
         "A frozen module whose own forward branches on self.training (rather than through one of the layers "

@@ -289,7 +289,7 @@ RULES = (
         code="structure.inputs_ignored", verdict=Verdict.WARN,
         title="The velocity net moves with neither t nor x_t",
         message="time balance not measurable: the velocity net's output and last hidden activation move with "
-                "neither t nor x_t (x_t permuted {observed}, t permuted {t_change}, noise floor {bound})",
+                "neither t nor x_t (x_t permuted {observed}, t permuted {t_change}; expected {bound}, above the noise)",
         fix="Check that x_t and t reach the net (no detach into constants); a zero-initialised net is measured at "
             "its last hidden activation, so this one ignores both.",
         test=_inputs_ignored,
@@ -302,7 +302,8 @@ RULES = (
         code="structure.time_features_aliased", verdict=Verdict.WARN,
         title="t is too large for its sinusoidal time embedding (every time feature aliases)",
         message="the time embedding aliases t: no time feature at {module} varies smoothly across the batch "
-                "(smoothest {observed} > {bound}; the net receives {t_range}): t is too large for its embedding",
+                "(smoothest {observed}, expected {bound}; the net receives {t_range}): t is too large for its "
+                "embedding",
         fix="Feed t in the units the embedding was built for: e.g. diffusers' Flux transformer takes timesteps / "
             "1000 (it multiplies by 1000 itself), SD3 takes timesteps.",
         test=_aliased,
@@ -316,7 +317,7 @@ RULES = (
         code="structure.time_embedding_loud", verdict=Verdict.WARN,
         title="The time conditioning dominates the velocity net at init",
         message="time dominates the velocity net: permuting t moves its output {t_change} vs {x_change} for x_t "
-                "(ratio {observed} > {bound})",
+                "(ratio {observed}, expected {bound})",
         fix="Normalise the time embedding (LayerNorm after its MLP) or initialise its last layer small; check the "
             "amplitude of the sin/cos features and of the t argument.",
         test=_dominates,
@@ -330,7 +331,7 @@ RULES = (
         code="structure.time_units", verdict=Verdict.WARN,
         title="t is in the wrong units for its time embedding (its features barely vary)",
         message="time ignored by the velocity net, and its time features at {module} barely vary across the batch "
-                "({observed} < {bound}){units}: t is in the wrong units for its embedding",
+                "({observed}, expected {bound}){units}: t is in the wrong units for its embedding",
         fix="Feed t in the units its embedding was built for (e.g. no extra division by the number of timesteps) "
             "and check that t reaches the net per sample.",
         test=_units,
@@ -358,7 +359,7 @@ RULES = (
         code="structure.time_ignored", verdict=Verdict.WARN,
         title="The velocity net barely depends on t (t in the wrong units, most often)",
         message="time ignored by the velocity net: permuting t moves its output {t_change} vs {x_change} for x_t "
-                "(ratio {observed} < {bound}){units}",
+                "(ratio {observed}, expected {bound}){units}",
         fix=FIX_UNITS,
         test=_ignored,
         doc="The same ratio as `structure.time_embedding_loud`, below `time_ignored_ratio` (0.01): t moves the "
