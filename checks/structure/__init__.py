@@ -8,7 +8,7 @@ Precision: fp16 compute without loss scaling, non-finite step outputs. Frozen mo
 optimizer.
 
 The package: ``velocity`` (finding and calling the velocity net), ``measure`` (the observation), ``maths`` (pure),
-``rules`` (thresholds, evidence, the rules table), ``doc``.
+``evidence`` (thresholds, typed evidence), ``rules`` (the rules table), ``doc``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from fmcheck.verdict import Verdict
 
 from . import maths
 from .doc import DOC
-from .rules import RULES, StructureEvidence, StructureThresholds
+from .evidence import StructureEvidence, StructureThresholds
+from .rules import RULES
 from .velocity import _find_velocity  # noqa: F401  (the `target` check finds the velocity net with it)
 
 __all__ = ["StructureCheck", "StructureEvidence", "StructureThresholds"]

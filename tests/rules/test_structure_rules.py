@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 
 from fmcheck.checks.structure import StructureCheck
-from fmcheck.checks.structure.rules import (Balance, FrozenModule, NonFinite, Precision, StructureEvidence,
-                                            StructureThresholds, TimeFeatures)
+from fmcheck.checks.structure.evidence import (Balance, FrozenModule, NonFinite, Precision, StructureEvidence,
+                                               StructureThresholds, TimeFeatures)
 from fmcheck.findings import evaluate
 from fmcheck.verdict import Verdict
 
