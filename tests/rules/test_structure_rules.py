@@ -221,3 +221,72 @@ def test_every_rule_is_exercised_here():
         "structure.time_embedding_loud", "structure.time_units", "structure.time_blind", "structure.time_ignored",
         "structure.fp16_no_grad_scaler", "structure.non_finite", "structure.frozen_train_mode",
         "structure.frozen_requires_grad", "structure.frozen_in_optimizer"}
+
+
+# -- the measurements table agrees with the findings -----------------------------------------------------------------
+
+# which rules back a non-PASS row of the measurements table
+BACKED_BY = {
+    "t / x_t sensitivity": {"structure.balance_not_measured", "structure.inputs_ignored",
+                            "structure.time_embedding_loud", "structure.time_units", "structure.time_blind",
+                            "structure.time_ignored"},
+    "time features follow t smoothly": {"structure.time_features_aliased"},
+    "fp16 without loss scaling": {"structure.fp16_no_grad_scaler"},
+    "non-finite step outputs": {"structure.non_finite"},
+    "mode-dependent layers active in frozen modules": {"structure.frozen_train_mode"},
+    "frozen parameters with requires_grad": {"structure.frozen_requires_grad"},
+    "frozen parameters in the optimizer": {"structure.frozen_in_optimizer"},
+}
+
+
+def observation(balance: dict, **changes) -> dict:
+    module = {"training": False, "switched_by_step": False, "active": {}, "tensors": 4, "grad_tensors": 0,
+              "grad_elements": 0, "grad_names": [], "grad_by_step": False, "optimizer_tensors": 0,
+              "optimizer_elements": 0}
+    obs = {"velocity": "velocity", "velocity_class": "Net", "velocity_how": "pipeline field 'velocity'",
+           "balance": balance, "notes": [], "non_finite": [],
+           "precision": {"autocast": False, "autocast_dtype": "", "autocast_device": "cpu",
+                         "param_dtype": "torch.float32", "v_pred": "torch.float32", "scaler": False,
+                         "scaler_enabled": False},
+           "modes": {"vae": dict(module)}}
+    for key, value in changes.items():
+        if key in ("precision",):
+            obs[key] = {**obs[key], **value}
+        elif key == "vae":
+            obs["modes"]["vae"].update(value)
+        else:
+            obs[key] = value
+    return obs
+
+
+MEASURED = {"measured": True, "state": "measured", "ratio": 0.04, "t_change": 0.02, "x_change": 0.5, "noise": 0.0,
+            "where": "output", "t_slot": "argument 1", "t_slope": 1.0, "t_offset": 0.0, "t_range": [0.01, 0.99],
+            "features": {"module": "time.0", "spread": 0.3, "mixes": "inp", "roughness": 0.01}}
+
+
+@pytest.mark.parametrize("obs", [
+    observation(MEASURED),
+    observation({"measured": False, "reason": "no pipeline field 'velocity' and no step output 'xt'"}),
+    observation({**MEASURED, "state": "both flat", "ratio": None, "t_change": 0.0, "x_change": 0.0}),
+    observation({**MEASURED, "ratio": 2.0, "t_change": 1.0,
+                 "features": {**MEASURED["features"], "roughness": 0.6}}),
+    observation({**MEASURED, "ratio": 0.0, "t_change": 0.0, "features": {**MEASURED["features"], "spread": 1e-4}}),
+    observation({**MEASURED, "ratio": 0.0, "t_change": 0.0, "features": None}),
+    observation({**MEASURED, "ratio": 0.003, "t_change": 0.0015}),
+    observation(MEASURED, precision={"autocast": True, "autocast_dtype": "torch.float16"},
+                non_finite=[{"batch": 0, "key": "loss", "count": 1}]),
+    observation(MEASURED, vae={"training": True, "active": {"dropout": 3}, "grad_tensors": 2, "grad_elements": 20,
+                               "grad_names": ["w"], "optimizer_tensors": 2, "optimizer_elements": 20}),
+], ids=["correct", "not_measured", "flat", "loud_aliased", "units", "blind", "ignored", "fp16_nan", "frozen"])
+def test_every_non_pass_measurement_is_backed_by_a_finding(obs):
+    judgement = StructureCheck().judge(obs, TH)
+    codes = {f.code for f in judgement.findings}
+    for m in judgement.measurements:
+        if m.verdict in (Verdict.WARN, Verdict.FAIL):
+            backing = [f for f in judgement.findings if f.code in BACKED_BY[m.name]]
+            assert backing, f"{m.name} is {m.verdict} but no finding says why: {codes}"
+            assert m.verdict in {f.verdict for f in backing}, (m.name, m.verdict, [f.verdict for f in backing])
+    flagged = {m.name for m in judgement.measurements if m.verdict in (Verdict.WARN, Verdict.FAIL)}
+    for code in codes:  # and no finding without its row
+        assert any(code in BACKED_BY[name] for name in flagged), code
+    assert (not codes) == (not flagged)
