@@ -58,7 +58,16 @@ class Pipeline:
         return dict(self.trainable)
 
     def frozen_modules(self) -> dict[str, Any]:
-        return dict(self.frozen or {})
+        """The one definition of the frozen modules: the declared ``frozen`` mapping, plus the ``vae`` when it is an
+        nn.Module not already listed (under the key "vae", or "pipeline field 'vae'" when a different module holds
+        that key). Each module once: callers never add the VAE by hand."""
+        import torch
+
+        modules = {str(key): module for key, module in (self.frozen or {}).items()}
+        vae = self.vae
+        if isinstance(vae, torch.nn.Module) and all(module is not vae for module in modules.values()):
+            modules["vae" if "vae" not in modules else "pipeline field 'vae'"] = vae
+        return modules
 
     def pixels_of(self, batch: Any) -> Any:
         """The pixel tensor of a batch: the ``pixels`` field, else ``batch["pixels"]``, else a tuple's first tensor."""

@@ -214,10 +214,9 @@ def _resolve_device(pipeline: Pipeline, requested: Optional[str]):
 
 def _place_modules(pipeline: Pipeline, device, previous: dict[int, Any]) -> None:
     """Move the pipeline's modules to ``device``, noting each module's previous device in ``previous`` as it goes."""
-    modules = [*pipeline.trainable_modules().values(), *pipeline.frozen_modules().values()]
-    for extra in (pipeline.vae, pipeline.velocity):
-        if extra is not None and hasattr(extra, "to") and hasattr(extra, "parameters"):
-            modules.append(extra)
+    modules = [*pipeline.trainable_modules().values(), *pipeline.frozen_modules().values()]  # the VAE among them
+    if pipeline.velocity is not None:
+        modules.append(pipeline.velocity)
     for module in modules:
         if id(module) in previous:
             continue

@@ -59,17 +59,14 @@ def named_modules(pipeline: Pipeline) -> list[tuple[str, Any]]:
     """Every module the pipeline names and all their submodules, each once, as ``(name, module)``.
 
     Names are the user's: ``velocity.out.2`` for a submodule of ``trainable["velocity"]``; a frozen module whose key
-    is also a trainable key is ``frozen.KEY``; ``vae`` and ``velocity`` when not already reached.
+    is also a trainable key is ``frozen.KEY``; the VAE is one of the frozen modules (``vae``); ``velocity`` when not
+    already reached.
     """
-    import torch
-
     roots: list[tuple[str, Any]] = list(pipeline.trainable_modules().items())
     for key, module in pipeline.frozen_modules().items():
         roots.append((f"frozen.{key}" if key in dict(roots) else str(key), module))
-    for field in ("vae", "velocity"):
-        value = getattr(pipeline, field)
-        if isinstance(value, torch.nn.Module):
-            roots.append((field, value))
+    if pipeline.velocity is not None:  # validated: an nn.Module
+        roots.append(("velocity", pipeline.velocity))
     seen: set[int] = set()
     named: list[tuple[str, Any]] = []
     for root_name, root in roots:

@@ -159,6 +159,11 @@ def measurement(result, name):
     return next(m for m in result.measurements if m.name == name)
 
 
+def codes(result) -> list[str]:
+    """The codes of the findings that count (not ignored), in the order the check declared them."""
+    return [f.code for f in result.findings if not f.ignored]
+
+
 def test_correct_synthetic_pipeline_passes_with_the_numbers():
     result = structure(synthetic())
     assert result.verdict is Verdict.PASS, result.summary
@@ -214,6 +219,7 @@ def test_loud_time_embedding_warns_time_dominates():
     ratio = measurement(result, "t / x_t sensitivity")
     assert ratio.verdict is Verdict.WARN and ratio.value > 1
     assert "time dominates" in result.summary
+    assert codes(result) == ["structure.time_embedding_loud"]
     assert "LayerNorm" in result.hint
 
 
@@ -227,6 +233,7 @@ def test_time_in_the_wrong_units_lowers_the_balance():
     assert ratio < correct / 5
     strict = structure(synthetic(Velocity(time_scale=1.0)), thresholds={"structure": {"time_ignored_ratio": 0.05}})
     assert "time ignored" in strict.summary and "range" in strict.summary
+    assert codes(strict) == ["structure.time_ignored"]
 
 
 def test_net_that_drops_t_warns_time_ignored():
@@ -234,6 +241,7 @@ def test_net_that_drops_t_warns_time_ignored():
     ratio = measurement(result, "t / x_t sensitivity")
     assert ratio.value == 0 and ratio.verdict is Verdict.WARN
     assert "time ignored" in result.summary
+    assert codes(result) == ["structure.time_blind"]
 
 
 def test_a_zero_initialised_output_layer_is_measured_at_the_last_hidden_activation():
@@ -266,6 +274,7 @@ def test_a_net_that_moves_with_nothing_is_not_a_pass():
     result = structure(synthetic(Constant()))
     ratio = measurement(result, "t / x_t sensitivity")
     assert ratio.verdict is Verdict.WARN and "neither" in ratio.unit
+    assert codes(result) == ["structure.inputs_ignored"]
     assert result.verdict is Verdict.WARN
 
 
@@ -283,6 +292,7 @@ def test_balance_not_measured_names_what_is_missing():
     assert result.verdict is Verdict.WARN and "declare the pipeline field 'velocity'" in result.hint
     assert "'xt'" in ratio.unit and "'velocity'" in ratio.unit
     assert "not measured" in result.summary
+    assert "structure.balance_not_measured" in codes(result)
 
     constant = lambda v, xt, t, q: v(xt, torch.zeros_like(t), q)  # noqa: E731  (t replaced by a constant)
     result = structure(synthetic(call=constant))
@@ -307,19 +317,21 @@ def test_fp16_autocast_without_scaler_warns_and_bf16_or_a_scaler_does_not():
     assert bf16.verdict is Verdict.PASS, bf16.summary
 
 
-def test_xt_in_half_precision_warns():
+def test_xt_in_half_precision_is_left_to_the_target_check():
+    # one owner per cause: x_t built in half precision is `target.xt_half_precision`; structure says nothing of it
     half = lambda x0, x1, t: (1 - t[:, None].half()) * x0.half() + t[:, None].half() * x1.half()  # noqa: E731
     result = structure(synthetic(interpolate=half))
-    precision = measurement(result, "x_t precision")
-    assert precision.verdict is Verdict.WARN and "x_t float16" in precision.value
+    assert not any(m.name == "x_t precision" for m in result.measurements)
+    assert codes(result) == [], result.summary
     # the velocity net receives the half x_t (cast inside its forward): still found by value
-    assert measurement(result, "t / x_t sensitivity").verdict is not Verdict.SKIP
+    assert measurement(result, "t / x_t sensitivity").verdict is Verdict.PASS
 
 
 def test_non_finite_output_fails_naming_the_key():
     result = structure(synthetic(extra_outputs={"kl": torch.tensor(float("inf")), "mu": torch.zeros(BATCH, 2)}))
     assert result.verdict is Verdict.FAIL
     assert "'kl'" in result.summary
+    assert codes(result) == ["structure.non_finite"]
     assert measurement(result, "non-finite step outputs").verdict is Verdict.FAIL
 
 
@@ -342,18 +354,65 @@ def test_frozen_module_modes():
     active = measurement(training, "mode-dependent layers active in frozen modules")
     assert active.value == "text_encoder: 1 batch-norm, 1 dropout" or active.value == "text_encoder: 1 dropout, 1 batch-norm"
     assert training.verdict is Verdict.WARN and "'text_encoder' in train mode" in training.summary
+    assert codes(training) == ["structure.frozen_train_mode"]
 
     encoder = _encoder(False, False)
     encoder[1].train()  # dropout active under an eval parent
     partial = structure(synthetic(frozen={"text_encoder": encoder}))
     assert measurement(partial, "frozen modules in train mode").value == "none"
     assert measurement(partial, "mode-dependent layers active in frozen modules").verdict is Verdict.WARN
-    assert "under an eval parent" in partial.summary
+    assert "'text_encoder' in eval with submodules in train mode" in partial.summary
+    assert codes(partial) == ["structure.frozen_train_mode"]
 
     grad = structure(synthetic(frozen={"text_encoder": _encoder(False, True)}))
     flagged = measurement(grad, "frozen parameters with requires_grad")
     assert flagged.verdict is Verdict.WARN and flagged.value == 4  # two weights, two biases
-    assert "0.weight" in grad.summary
+    assert "0.weight" in grad.summary and codes(grad) == ["structure.frozen_requires_grad"]
+
+
+class _Vae(nn.Module):
+    """A frozen module given as the pipeline field 'vae' (encode/decode), not listed in 'frozen'."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
+
+    def encode(self, x):
+        return self.net(x)
+
+    def decode(self, z):
+        return z
+
+
+def test_the_vae_is_a_frozen_module_like_the_declared_ones():
+    vae = _Vae().train()
+    vae.requires_grad_(True)
+    pipeline = {**synthetic(frozen={"text_encoder": _encoder(False, False)}), "vae": vae}
+    result = structure(pipeline)
+    assert codes(result) == ["structure.frozen_train_mode", "structure.frozen_requires_grad"]
+    assert "frozen module 'vae' in train mode" in result.summary
+    assert measurement(result, "frozen parameters with requires_grad").value == 2
+    assert "2 frozen modules" not in result.summary  # not a pass
+
+
+def test_frozen_parameters_in_the_optimizer_fail_and_shared_ones_do_not_count():
+    vae = _Vae().eval().requires_grad_(False)
+    pipeline = {**synthetic(), "vae": vae}
+    trainable = [p for module in pipeline["trainable"].values() for p in module.parameters()]
+    pipeline["optimizer"] = torch.optim.AdamW([*trainable, *vae.parameters()], lr=1e-3)
+    result = structure(pipeline)
+    assert result.verdict is Verdict.FAIL and codes(result) == ["structure.frozen_in_optimizer"]
+    assert measurement(result, "frozen parameters in the optimizer").value == 20  # 4x4 weight and 4 biases
+    finding = result.findings[0]
+    assert finding.observed == 20 and finding.bound == "0" and "'vae'" in finding.message
+
+    # a frozen module that shares a trainable module's parameters (a tied embedding) is trained on purpose there
+    shared = synthetic()
+    shared["frozen"] = {"tied": shared["trainable"]["head"]}
+    result = structure(shared)
+    assert result.verdict is Verdict.PASS, result.summary
+    assert measurement(result, "frozen parameters in the optimizer").value == 0
+    assert measurement(result, "frozen parameters with requires_grad").value == 0
 
 
 def test_a_frozen_module_in_train_mode_without_mode_dependent_layers_is_not_a_warning():
@@ -462,8 +521,10 @@ def test_digits_is_quiet_with_margin(digits_results):
 def test_digits_fixtures_fire_for_their_reason(digits_results):
     loud = digits_results["time_embedding_loud"]
     assert loud.verdict is Verdict.WARN and "time dominates" in loud.summary
+    assert codes(loud) == ["structure.time_embedding_loud"]
     units = digits_results["time_units_wrong"]
     assert units.verdict is Verdict.WARN and "time ignored" in units.summary
+    assert codes(units) == ["structure.time_ignored"]
     assert measurement(units, "t argument / step t").value == pytest.approx(1e-3)
 
 
@@ -528,6 +589,7 @@ def test_a_net_blind_to_t_at_init_is_judged_at_its_time_features():
     result = structure(synthetic(ZeroBlockVelocity(time_scale=1.0 / 1000)))
     assert result.verdict is Verdict.WARN
     assert "time features at time.0 barely vary" in result.summary
+    assert codes(result) == ["structure.time_units"]
     assert measurement(result, "time features across the batch").value < 0.01
 
 
@@ -535,6 +597,7 @@ def test_a_net_that_drops_t_after_embedding_it_is_not_excused_by_its_time_featur
     result = structure(synthetic(Velocity(uses_t=False)))
     assert result.verdict is Verdict.WARN
     assert "changes nothing" in result.summary and "t is dropped" in result.summary
+    assert codes(result) == ["structure.time_blind"]
     features = result.details["balance"]["features"]
     assert features["module"] == "time.0" and features["mixes"] is None  # embedded, but never meets x_t
 
@@ -556,6 +619,7 @@ def test_t_too_large_for_its_embedding_warns_that_it_aliases():
     result = structure(synthetic(Velocity(time_scale=1e6)))
     assert result.verdict is Verdict.WARN, result.summary
     assert "the time embedding aliases t" in result.summary
+    assert "structure.time_features_aliased" in codes(result)
     assert measurement(result, "time features follow t smoothly").verdict is Verdict.WARN
     assert measurement(structure(synthetic()), "time features follow t smoothly").verdict is Verdict.PASS
 

@@ -88,6 +88,26 @@ def test_single_module_trainable_is_named_model():
     assert list(coerce(data).trainable_modules()) == ["model"]
 
 
+class _Vae(torch.nn.Module):
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+def test_frozen_modules_are_the_declared_ones_plus_the_vae_once():
+    vae, text = _Vae(), torch.nn.Linear(1, 1)
+    assert coerce({**valid(), "vae": vae}).frozen_modules() == {"vae": vae}
+    both = coerce({**valid(), "vae": vae, "frozen": {"text": text}}).frozen_modules()
+    assert both == {"text": text, "vae": vae}
+    listed = coerce({**valid(), "vae": vae, "frozen": {"autoencoder": vae}}).frozen_modules()
+    assert listed == {"autoencoder": vae}  # already declared: not twice
+    clash = coerce({**valid(), "vae": vae, "frozen": {"vae": text}}).frozen_modules()
+    assert clash == {"vae": text, "pipeline field 'vae'": vae}
+    assert coerce(valid()).frozen_modules() == {}
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -36,14 +36,8 @@ def _leaves(tensor) -> set[int]:
 
 def _parameter_table(pipeline) -> list[tuple[str, str, str, Any]]:
     """(qualified name, module key, 'trainable' or 'frozen', parameter), each parameter once, trainable first."""
-    import torch
-
     rows, seen = [], set()
-    frozen = dict(pipeline.frozen_modules())
-    vae = pipeline.vae
-    if isinstance(vae, torch.nn.Module) and all(vae is not m for m in frozen.values()):
-        frozen["vae"] = vae
-    for group, modules in (("trainable", pipeline.trainable_modules()), ("frozen", frozen)):
+    for group, modules in (("trainable", pipeline.trainable_modules()), ("frozen", pipeline.frozen_modules())):
         for key, module in modules.items():
             for name, param in module.named_parameters():
                 if id(param) not in seen:
