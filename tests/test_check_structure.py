@@ -400,8 +400,15 @@ def test_frozen_parameters_in_the_optimizer_fail_and_shared_ones_do_not_count():
     pipeline = {**synthetic(), "vae": vae}
     trainable = [p for module in pipeline["trainable"].values() for p in module.parameters()]
     pipeline["optimizer"] = torch.optim.AdamW([*trainable, *vae.parameters()], lr=1e-3)
+    # none of them requires grad: the optimizer skips them, so nothing moves yet (a WARN)
     result = structure(pipeline)
-    assert result.verdict is Verdict.FAIL and codes(result) == ["structure.frozen_in_optimizer"]
+    assert result.verdict is Verdict.WARN and codes(result) == ["structure.frozen_in_optimizer"]
+    vae.requires_grad_(True)  # now the optimizer updates the VAE: a FAIL (and requires_grad is its own finding)
+    result = structure(pipeline)
+    assert result.verdict is Verdict.FAIL
+    assert codes(result) == ["structure.frozen_requires_grad", "structure.frozen_in_optimizer"]
+    vae.requires_grad_(False)
+    result = structure(pipeline)
     assert measurement(result, "frozen parameters in the optimizer").value == 20  # 4x4 weight and 4 biases
     finding = result.findings[0]
     assert finding.observed == 20 and finding.bound == "0" and "'vae'" in finding.message

@@ -139,7 +139,8 @@ def _frozen_measurements(ev: StructureEvidence) -> list[Measurement]:
         flag("frozen parameters with requires_grad", not grads, value=sum(m.grad_tensors for m in grads),
              unit="tensors", expected="0", bad=Verdict.WARN),
         flag("frozen parameters in the optimizer", not held, value=sum(m.optimizer_elements for m in held),
-             unit="parameters", expected="0"),
+             unit="parameters", expected="0",
+             bad=Verdict.FAIL if any(m.optimizer_grad_elements for m in held) else Verdict.WARN),
     ]
 
 

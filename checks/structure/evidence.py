@@ -130,6 +130,7 @@ class FrozenModule:
     grad_by_step: bool = False
     optimizer_tensors: int = 0
     optimizer_elements: int = 0
+    optimizer_grad_elements: int = 0  # of those, the ones that require grad: the optimizer updates these
 
     @classmethod
     def from_observation(cls, name: str, m: dict[str, Any]) -> "FrozenModule":
@@ -137,7 +138,8 @@ class FrozenModule:
                    active=tuple((k, n) for k, n in m["active"].items() if n), tensors=m["tensors"],
                    grad_tensors=m["grad_tensors"], grad_elements=m["grad_elements"],
                    grad_names=tuple(m["grad_names"]), grad_by_step=m.get("grad_by_step", False),
-                   optimizer_tensors=m.get("optimizer_tensors", 0), optimizer_elements=m.get("optimizer_elements", 0))
+                   optimizer_tensors=m.get("optimizer_tensors", 0), optimizer_elements=m.get("optimizer_elements", 0),
+                   optimizer_grad_elements=m.get("optimizer_grad_elements", m.get("optimizer_elements", 0)))
 
     @property
     def layers(self) -> str:

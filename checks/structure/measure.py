@@ -121,11 +121,13 @@ def _modes(pipeline) -> dict[str, dict[str, Any]]:
         own = [(n, p) for n, p in module.named_parameters() if id(p) not in trained]
         grad = [(n, p.numel()) for n, p in own if p.requires_grad]
         held = [p.numel() for _, p in own if id(p) in optimized]
+        trainable_held = [p.numel() for _, p in own if id(p) in optimized and p.requires_grad]
         state[name] = {"training": bool(module.training), "active": active_layers(module),
                        "grad_tensors": len(grad), "grad_elements": int(sum(n for _, n in grad)),
                        "grad_names": [n for n, _ in grad[:3]],
                        "tensors": sum(1 for _ in module.parameters()),
-                       "optimizer_tensors": len(held), "optimizer_elements": int(sum(held))}
+                       "optimizer_tensors": len(held), "optimizer_elements": int(sum(held)),
+                       "optimizer_grad_elements": int(sum(trainable_held))}
     return state
 
 

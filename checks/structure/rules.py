@@ -111,8 +111,14 @@ def _requires_grad(ev: StructureEvidence, th: StructureThresholds) -> list[Hit]:
 
 
 def _in_optimizer(ev: StructureEvidence, th: StructureThresholds) -> list[Hit]:
+    # FAIL when the optimizer will update them (they require grad); parameters without requires_grad get no
+    # gradient, and torch's optimizers skip those: a WARN, the contradiction is still worth removing
     return [Hit.of(observed=m.optimizer_elements, bound="0", unit="parameters", module=m.name,
-                   count=f"{m.optimizer_elements:,}", tensors=m.optimizer_tensors)
+                   count=f"{m.optimizer_elements:,}", tensors=m.optimizer_tensors,
+                   updated=("training moves a module declared frozen (for the VAE, the latent space the flow learns "
+                            "to hit)") if m.optimizer_grad_elements else
+                           "none requires grad, so nothing moves yet, but one requires_grad_(True) trains it",
+                   verdict=Verdict.FAIL if m.optimizer_grad_elements else Verdict.WARN)
             for m in ev.frozen if m.optimizer_elements]
 
 
@@ -269,8 +275,7 @@ RULES = (
     Rule(
         code="structure.frozen_in_optimizer", verdict=Verdict.FAIL,
         title="A frozen module's parameters are in the optimizer",
-        message="{count} parameters of frozen module '{module}' ({tensors} tensors) are in the optimizer: "
-                "training moves a module declared frozen (for the VAE, the latent space the flow learns to hit)",
+        message="{count} parameters of frozen module '{module}' ({tensors} tensors) are in the optimizer: {updated}",
         fix="Build the optimizer from the trainable modules' parameters only (not from every module's), and "
             "freeze the module (.requires_grad_(False)).",
         test=_in_optimizer,
@@ -278,5 +283,7 @@ RULES = (
             "`frozen`, plus the `vae`); parameters shared with a trainable module are not counted. A frozen "
             "parameter in the optimizer is updated as soon as it receives gradient (requires_grad left on, or turned "
             "on later): for the VAE, its latent space drifts under the targets. Declaring the module frozen and "
-            "optimizing it is a contradiction; if it is meant to train, list it as trainable instead."),
+            "optimizing it is a contradiction; if it is meant to train, list it as trainable instead. FAIL when any "
+            "of those parameters requires grad (the optimizer updates it); WARN when none does (torch's optimizers "
+            "skip parameters without a gradient, so nothing moves until one is unfrozen)."),
 )

@@ -206,8 +206,18 @@ def test_frozen_requires_grad_warns_per_module():
         finding.message
 
 
+def test_frozen_in_optimizer_warns_while_nothing_there_requires_grad():
+    # torch's optimizers skip parameters without a gradient: nothing moves yet, the contradiction is a WARN
+    frozen = (FrozenModule("vae", tensors=10, optimizer_tensors=10, optimizer_elements=100,
+                           optimizer_grad_elements=0),)
+    finding = only(evidence(frozen=frozen))
+    assert finding.code == "structure.frozen_in_optimizer" and finding.verdict is Verdict.WARN
+    assert "nothing moves yet" in finding.message
+
+
 def test_frozen_in_optimizer_fails():
-    frozen = (FrozenModule("vae", tensors=10, optimizer_tensors=10, optimizer_elements=83_653_863),)
+    frozen = (FrozenModule("vae", tensors=10, optimizer_tensors=10, optimizer_elements=83_653_863,
+                           optimizer_grad_elements=83_653_863),)
     finding = only(evidence(frozen=frozen))
     assert finding.code == "structure.frozen_in_optimizer" and finding.verdict is Verdict.FAIL
     assert finding.observed == 83_653_863 and "83,653,863 parameters of frozen module 'vae'" in finding.message
