@@ -142,7 +142,8 @@ def _channel_spread(ev: NormsEvidence, th: NormsThresholds):
     return Hit.of(spread, f"<= {th.channel_spread_warn:g}", "x", stds=list(ev.channel_std), head=ev.head())
 
 
-RMS = "Per-dimension RMS: x0 {rms0}, x1 {rms1} (a unit-variance latent has ~1). "
+RATIO_MESSAGE = ("{head}, expected {bound}: {bigger} is {larger}; v* = x1 - x0 is dominated by it (per-dimension "
+                 "RMS x0 {rms0}, x1 {rms1}; a unit-variance latent has ~1)")
 NO_RATIO_FIX = ("Fix the scale at its source; do not add a ratio correction r = ||z1|| / ||z0||: it hides the "
                 "mismatch and the sampler does not apply it.")
 RATIO_DOC = ("The mean per-sample L2 norm of x1 (the data latent z1) over that of x0 (the source z0), on the first "
@@ -163,10 +164,9 @@ RULES = (
     Rule(
         code="norms.z1_scale", verdict=Verdict.FAIL,
         title="x1 (the data latent) is off scale against x0",
-        message="{head}: {bigger} is {larger}; v* = x1 - x0 is dominated by it",
-        fix=RMS + "The data latent x1 is off scale: `fmcheck scale` compares z1 with the VAE's own latents and names "
-                  "the cause (scaling_factor missing, applied twice or inverted, a config that does not fit this "
-                  "VAE, a shift or per-channel mean ignored). " + NO_RATIO_FIX,
+        message=RATIO_MESSAGE,
+        fix="`fmcheck scale` names the cause (scaling_factor missing, applied twice or inverted, a config that does "
+            "not fit this VAE, a shift ignored). " + NO_RATIO_FIX,
         test=_scale(True),
         doc=RATIO_DOC + "This finding is for the case where x1 is the side off scale: its per-dimension RMS is "
             "farther from 1 (on a log scale) than x0's. Which scaling mistake it is, is `scale`'s to name. A "
@@ -174,8 +174,8 @@ RULES = (
     Rule(
         code="norms.z0_scale", verdict=Verdict.FAIL,
         title="x0 (the text head's source) is off scale against x1",
-        message="{head}: {bigger} is {larger}; v* = x1 - x0 is dominated by it",
-        fix=RMS + "The source x0 is off scale: the text head's output (mu, sigma) sets it.{moments} " + NO_RATIO_FIX,
+        message=RATIO_MESSAGE,
+        fix="The source x0 is off scale: the text head's output (mu, sigma) sets it.{moments} " + NO_RATIO_FIX,
         test=_scale(False),
         doc=RATIO_DOC + "This finding is for the case where x0 is the side off scale: its per-dimension RMS is "
             "farther from 1 than x1's, so the text head's mu or sigma sets the mismatch (the per-dimension RMS of "

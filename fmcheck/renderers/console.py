@@ -153,10 +153,11 @@ def finding_text(finding: Finding) -> str:
     return finding.message
 
 
-def fixes(report: Report, id_width: int = 0) -> Optional[Table]:
+def fixes(report: Report) -> Optional[Table]:
     """What to fix, first: one entry per finding that counts, FAIL then ERROR then WARN across all checks: verdict,
-    code, the message with its number against the bound, then ``fix:``. A check that crashed (no finding) gives its
-    one line and fix. Ignored findings follow, dimmed, one line each."""
+    then the code and its message (the number against its bound), then ``fix:`` under it. The message wraps under
+    the code, so the whole width carries words; a fix shared by several findings is said once. A check that crashed
+    (no finding) gives its id and fix: its row says what happened. Ignored findings follow, dimmed, a line each."""
     entries: list[tuple[Verdict, str, str, Optional[str]]] = []
     for result in report.checks:
         live = active(result.findings)
@@ -164,24 +165,23 @@ def fixes(report: Report, id_width: int = 0) -> Optional[Table]:
             entries += [(f.verdict, f.code, finding_text(f), f.fix or None) for f in live]
         elif result.verdict in _URGENCY and result.hint:  # a crash, a leak, a plugin that failed to load: its row
             entries.append((result.verdict, result.id, "", result.hint))  # says what happened; here, the fix
-    ignored = [(result, f) for result in report.checks for f in result.findings if f.ignored]
+    ignored = [f for result in report.checks for f in result.findings if f.ignored]
     if not entries and not ignored:
         return None
     entries.sort(key=lambda e: _URGENCY.index(e[0]))  # stable: the checks' order within a verdict
-    grid = _grid(id_width or max(len(e[1]) for e in entries or [(None, f.code) for _, f in ignored]))
-    shown_fixes: set[str] = set()
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True, min_width=5)
+    grid.add_column()  # no ratio: a short row is not padded to the console's width with trailing spaces
+    said: set[str] = set()
     for verdict, code, text, fix in entries:
-        fix_text = Text.assemble(("fix: ", "bold"), fix) if fix and fix not in shown_fixes else None
-        shown_fixes.add(fix)  # one fix for several findings is said once
-        if text:
-            grid.add_row(verdict_text(verdict), code, text)
-            if fix_text is not None:
-                grid.add_row("", "", fix_text)
-        elif fix_text is not None:
-            grid.add_row(verdict_text(verdict), code, fix_text)
-    for _, f in ignored:
-        grid.add_row(Text("ignored", style="dim"), Text(f.code, style="dim"),
-                     Text(f"{f.verdict.value.upper()}: {f.message}", style="dim"))
+        head = Text.assemble((code, "bold"), f"  {text}" if text else "")
+        if fix and fix not in said:
+            said.add(fix)
+            head = Text.assemble(head, "\n", ("fix: ", "bold"), fix)
+        grid.add_row(verdict_text(verdict), head)
+    for f in ignored:
+        grid.add_row(Text("skip", style="dim"),
+                     Text(f"{f.code}  ignored (--ignore): {f.verdict.value.upper()} {f.message}", style="dim"))
     return grid
 
 
