@@ -35,11 +35,12 @@ class Hit:
     unit: str = ""
     verdict: Optional[Verdict] = None
     fields: Mapping[str, Any] = field(default_factory=dict)
+    subject: str = ""  # what the finding is about when a rule fires once per thing (a module's key): see covered_by
 
     @classmethod
     def of(cls, observed: Value = None, bound: str = "", unit: str = "", verdict: Optional[Verdict] = None,
-           **fields: Any) -> "Hit":
-        return cls(observed=observed, bound=bound, unit=unit, verdict=verdict, fields=fields)
+           subject: str = "", **fields: Any) -> "Hit":
+        return cls(observed=observed, bound=bound, unit=unit, verdict=verdict, fields=fields, subject=subject)
 
 
 Test = Callable[[Any, Any], Union[None, Hit, Iterable[Hit]]]
@@ -62,6 +63,10 @@ class Rule:
     fix: str
     test: Test
     doc: str = ""
+    # One cause, one finding across checks: codes (of any check) that name this finding's cause. When one of them
+    # counts in the same run (on the same subject, where both have one), this finding is listed as covered by it
+    # and counts toward nothing; run alone, the check still reports it.
+    covered_by: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_id, dot, name = self.code.partition(".")
@@ -77,7 +82,8 @@ class Rule:
     def render(self, hit: Hit) -> Finding:
         words = {"observed": _shown(hit.observed), "bound": hit.bound, "unit": hit.unit, **hit.fields}
         return Finding(code=self.code, verdict=hit.verdict or self.verdict, message=self.message.format(**words),
-                       fix=self.fix.format(**words), observed=_plain(hit.observed), bound=hit.bound, unit=hit.unit)
+                       fix=self.fix.format(**words), observed=_plain(hit.observed), bound=hit.bound, unit=hit.unit,
+                       subject=hit.subject)
 
 
 def evaluate(rules: Sequence[Rule], evidence: Any, thresholds: Any) -> list[Finding]:
@@ -107,9 +113,14 @@ def _fire(rule: Rule, evidence: Any, thresholds: Any) -> list[Finding]:
     return [rule.render(hit) for hit in hits]
 
 
+def counts(finding: Finding) -> bool:
+    """Whether a finding counts toward its check's verdict: not ignored, not covered by another check's finding."""
+    return not finding.ignored and finding.covered_by is None and finding.verdict in URGENCY
+
+
 def active(findings: Iterable[Finding]) -> list[Finding]:
     """The findings that count, worst first (FAIL, ERROR, WARN), in declared order within a verdict."""
-    live = [f for f in findings if not f.ignored and f.verdict in URGENCY]
+    live = [f for f in findings if counts(f)]
     return sorted(live, key=lambda f: URGENCY.index(f.verdict))
 
 
@@ -121,14 +132,33 @@ def conclude(findings: Sequence[Finding], passed: str) -> tuple[Verdict, str, Op
     followed by the ignored findings' codes, so an ignored finding is never silently dropped."""
     live = active(findings)
     ignored = [f.code for f in findings if f.ignored]
+    covered = [f"{f.code} by {f.covered_by}" for f in findings if f.covered_by is not None and not f.ignored]
     if not live:
-        note = f" ({len(ignored)} ignored: {', '.join(dict.fromkeys(ignored))})" if ignored else ""
-        return Verdict.PASS, (passed or "no findings") + note, None
+        notes = [f"{len(ignored)} ignored: {', '.join(dict.fromkeys(ignored))}"] if ignored else []
+        notes += [f"covered: {', '.join(dict.fromkeys(covered))}"] if covered else []
+        return Verdict.PASS, (passed or "no findings") + (f" ({'; '.join(notes)})" if notes else ""), None
     shown = "; ".join(f.message for f in live[:SUMMARY_FINDINGS])
     more = len(live) - SUMMARY_FINDINGS
     summary = shown + (f" (+{more} more)" if more > 0 else "")
     hint = " | ".join(dict.fromkeys(f.fix for f in live if f.fix)) or None
     return live[0].verdict, summary, hint
+
+
+def cover(findings: Sequence[Finding], rules: Mapping[str, Rule], counting: Sequence[Finding]) -> list[Finding]:
+    """The findings with those whose cause a counting finding of the run already names marked ``covered_by`` it
+    (``Rule.covered_by``; on the same subject, where both have one)."""
+    out = []
+    for f in findings:
+        rule = rules.get(f.code)
+        owner = None
+        if rule is not None and rule.covered_by and f.covered_by is None:
+            owner = next((g.code for g in counting if g.code in rule.covered_by
+                          and (not g.subject or not f.subject or g.subject == f.subject)), None)
+        if owner:  # a WARN --strict promoted goes back to what it was: it counts toward nothing now
+            f = f.model_copy(update={"covered_by": owner, **({"verdict": Verdict.WARN, "strict": False}
+                                                              if f.strict else {})})
+        out.append(f)
+    return out
 
 
 def ignore(findings: Sequence[Finding], codes: Iterable[str]) -> list[Finding]:
@@ -140,7 +170,7 @@ def ignore(findings: Sequence[Finding], codes: Iterable[str]) -> list[Finding]:
 def promote_warnings(findings: Sequence[Finding]) -> list[Finding]:
     """--strict: every WARN that counts becomes a FAIL."""
     return [f.model_copy(update={"verdict": Verdict.FAIL, "strict": True})
-            if f.verdict is Verdict.WARN and not f.ignored else f for f in findings]
+            if f.verdict is Verdict.WARN and counts(f) else f for f in findings]
 
 
 def unknown_code(code: str, known: Iterable[str]) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from .verdict import ExitCode, Verdict
 
@@ -42,8 +42,8 @@ class Measurement(BaseModel):
 
 class Finding(BaseModel):
     """One conclusion a check reached, under its rule's stable code (``scale.twice``): what was observed against
-    which bound, what it means and what fixes it. ``ignored`` findings (``--ignore CODE``) are kept and listed but
-    count toward no verdict; ``strict`` marks a WARN that ``--strict`` made a FAIL."""
+    which bound, what it means and what fixes it. ``ignored`` findings (``--ignore CODE``) and ``covered`` ones are
+    kept and listed but count toward no verdict; ``strict`` marks a WARN that ``--strict`` made a FAIL."""
 
     model_config = ConfigDict(frozen=True, ser_json_inf_nan="strings")
 
@@ -56,6 +56,11 @@ class Finding(BaseModel):
     unit: str = ""
     ignored: bool = False
     strict: bool = False
+    # What the finding is about when its rule fires once per thing (a module's key); "" otherwise.
+    subject: str = ""
+    # The code of another check's finding that names the same cause in this run: this one then counts toward
+    # nothing (one cause, one finding); None when it counts.
+    covered_by: Optional[str] = None
 
 
 class CheckResult(BaseModel):
@@ -76,6 +81,9 @@ class CheckResult(BaseModel):
     error: Optional[str] = None
     # Figures written with --plot (paths), or a 'not written: ...' note saying why not.
     plots: list[str] = Field(default_factory=list)
+    # What the row says when no finding counts (the judgement's summary), kept to settle the findings again once
+    # the whole run is known (a finding covered by another check's); not part of the JSON.
+    _passed: str = PrivateAttr(default="")
 
 
 class Environment(BaseModel):

@@ -18,7 +18,7 @@ from .config import Settings, thresholds_for
 from .context import Context
 from .contract import Pipeline
 from .errors import PipelineError, UsageError
-from .findings import active, conclude, ignore as ignore_codes, promote_warnings, unknown_code
+from .findings import active, conclude, cover, ignore as ignore_codes, promote_warnings, unknown_code
 from .fingerprint import compute as compute_fingerprint
 from .isolate import CheckTimeout, capture, describe, full_traceback, short_traceback
 from .registry import Registry, discover
@@ -190,7 +190,25 @@ def settle(result: CheckResult, passed: str, ignored: Iterable[str] = (), strict
     verdict, summary, hint = conclude(findings, passed)
     if any(f.strict for f in active(findings)):
         summary = f"{summary} [warn, --strict]"
-    return result.model_copy(update={"findings": findings, "verdict": verdict, "summary": summary, "hint": hint})
+    settled = result.model_copy(update={"findings": findings, "verdict": verdict, "summary": summary, "hint": hint})
+    settled._passed = passed
+    return settled
+
+
+def cover_across(results: list[CheckResult], checks: Iterable[type[Check]], settings: Settings) -> list[CheckResult]:
+    """One cause, one finding: once every check has run, a finding whose rule names another check's finding as the
+    owner of its cause (``Rule.covered_by``), when that finding counts, is marked covered and the check settled
+    again. Run alone, each check still reports it."""
+    rules = {rule.code: rule for check in checks for rule in check.rules}
+    counting = [f for r in results for f in active(r.findings)]
+    out = []
+    for result in results:
+        covered = cover(result.findings, rules, counting)
+        if covered != result.findings and result.verdict is not Verdict.ERROR:
+            result = settle(result.model_copy(update={"findings": covered}), result._passed, settings.ignore,
+                            settings.strict)
+        out.append(result)
+    return out
 
 
 def _resolve_device(pipeline: Pipeline, requested: Optional[str]):
@@ -334,6 +352,7 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
                     results.append(CheckResult(id=rest.id, title=rest.title, verdict=Verdict.SKIP,
                                                summary="not run: interrupted"))
                 break
+        results = cover_across(results, checks, settings)
         # The latent space these numbers were measured in, for `fmcheck compare`; never fails the run.
         fingerprint = capture(compute_fingerprint, pipeline, ctx, published(checks, results)).value \
             if not interrupted else None

@@ -202,3 +202,43 @@ def test_list_codes_lists_every_rule():
     assert result.returncode == 0
     for code in ("t_rules.far", "t_rules.off", "t_rules.broken", "t_rules.larger"):
         assert code in result.stdout
+
+
+# --- one cause, one finding across checks (Rule.covered_by) -------------------------------------------------------
+
+def test_a_finding_another_checks_finding_names_is_covered_and_counts_toward_nothing():
+    from fmcheck.findings import cover
+
+    owner = Rule("a.cause", Verdict.FAIL, "t", "m", "f", lambda e, t: None, "d")
+    echo = Rule("b.symptom", Verdict.FAIL, "t", "m", "f", lambda e, t: None, "d", covered_by=("a.cause",))
+    rules = {r.code: r for r in (owner, echo)}
+    cause = Finding(code="a.cause", verdict=Verdict.FAIL, message="the cause")
+    symptom = Finding(code="b.symptom", verdict=Verdict.FAIL, message="the symptom", strict=False)
+    (covered,) = cover([symptom], rules, [cause])
+    assert covered.covered_by == "a.cause"
+    assert conclude([covered], "ratio 5.5") == (Verdict.PASS, "ratio 5.5 (covered: b.symptom by a.cause)", None)
+    assert cover([symptom], rules, []) == [symptom]  # run alone, the check still reports it
+
+
+def test_covering_matches_subjects_where_both_findings_have_one():
+    from fmcheck.findings import cover
+
+    echo = Rule("b.requires_grad", Verdict.WARN, "t", "m", "f", lambda e, t: None, "d", covered_by=("a.gradient",))
+    reached = Finding(code="a.gradient", verdict=Verdict.FAIL, message="m", subject="vae")
+    on_vae = Finding(code="b.requires_grad", verdict=Verdict.WARN, message="m", subject="vae")
+    on_text = Finding(code="b.requires_grad", verdict=Verdict.WARN, message="m", subject="text_encoder")
+    got = cover([on_vae, on_text], {"b.requires_grad": echo}, [reached])
+    assert [f.covered_by for f in got] == ["a.gradient", None]
+
+
+def test_the_seed_bug_names_its_scale_cause_once():
+    """scale names why z1 is off scale; norms' ratio finding is the same cause and is listed as covered by it."""
+    from fmcheck.contract import load_pipeline
+
+    report = run(load_pipeline("fixtures.bugs.scale_twice:build"), Settings(), only=["scale", "norms"])
+    norms = report.check("norms")
+    (finding,) = norms.findings
+    assert finding.code == "norms.z1_scale" and finding.covered_by == "scale.twice"
+    assert norms.verdict is Verdict.PASS and "covered: norms.z1_scale by scale.twice" in norms.summary
+    alone = run(load_pipeline("fixtures.bugs.scale_twice:build"), Settings(), only=["norms"])
+    assert alone.check("norms").verdict is Verdict.FAIL  # without scale, norms says it

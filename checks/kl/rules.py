@@ -59,7 +59,7 @@ def _at_bound(ev: KLEvidence, th: KLThresholds):
 
 def _kl_nonfinite(ev: KLEvidence, th: KLThresholds):
     if ev.formula is not None and not ev.formula.kl_finite:
-        return Hit.of(ev.formula.kl_min, "finite")
+        return Hit.of(ev.formula.kl_min, "finite", subject="kl")  # the output it is about (structure.non_finite)
     return None
 
 

@@ -150,6 +150,12 @@ RATIO_DOC = ("The mean per-sample L2 norm of x1 (the data latent z1) over that o
              "`measure_batches` batches: within `ratio_warn` (2x) either way passes, within `ratio_fail` (3x) "
              "warns, beyond fails (the seed's 2-3x rule: beyond it v* = x1 - x0 is one endpoint only). ")
 
+# The `scale` check's findings that name why z1 is off scale: with one of them in the run, norms.z1_scale is the same
+# cause seen from its ratio and is listed as covered by it (without a VAE, scale skips and norms still says it).
+SCALE_CAUSES = ("scale.missing", "scale.twice", "scale.inverted", "scale.shift_ignored", "scale.shift_sign",
+                "scale.shift_after_scale", "scale.shift_without_scale", "scale.std_ignored",
+                "scale.per_channel_ignored", "scale.config_not_used", "scale.unrecognised", "scale.config_std_off")
+
 RULES = (
     Rule(
         code="norms.nonfinite", verdict=Verdict.FAIL,
@@ -168,8 +174,10 @@ RULES = (
         fix="`fmcheck scale` names the cause (scaling_factor missing, applied twice or inverted, a config that does "
             "not fit this VAE, a shift ignored). " + NO_RATIO_FIX,
         test=_scale(True),
+        covered_by=SCALE_CAUSES,
         doc=RATIO_DOC + "This finding is for the case where x1 is the side off scale: its per-dimension RMS is "
-            "farther from 1 (on a log scale) than x0's. Which scaling mistake it is, is `scale`'s to name. A "
+            "farther from 1 (on a log scale) than x0's. Which scaling mistake it is, is `scale`'s to name: when a "
+            "`scale` finding names it in the same run, this one is listed as covered by it. A "
             "source deliberately wider or narrower than the data can raise `ratio_warn` / `ratio_fail`."),
     Rule(
         code="norms.z0_scale", verdict=Verdict.FAIL,
@@ -189,6 +197,7 @@ RULES = (
             "(z - mean) / std * scaling_factor), or check `fmcheck scale`; do not rescale channels by hand-tuned "
             "factors.",
         test=_channel_spread,
+        covered_by=("scale.per_channel_ignored",),
         doc="The largest over the smallest per-channel std of x1 (dimension 1 of an image or video latent), against "
             "`channel_spread_warn` (4x): per-channel latents_mean / latents_std not applied leaves a few channels "
             "with most of v*'s energy. A VAE whose channels legitimately differ can raise or unset "

@@ -225,20 +225,25 @@ RULES = (
          "of an unclamped logvar, an overflow in half precision; torch.autograd.set_detect_anomaly(True) names the "
          "operation",
          _nonfinite,
+         covered_by=("kl.nonfinite", "structure.non_finite"),  # already non-finite before training: their finding
          doc="Every step records the largest |value| of each step output (and, without a grad scaler, the gradient "
              "norm); the first step where one is NaN or Inf fails the run at once, naming the first output in "
              "data-flow order (x1, mu, logvar, eps, x0, t, xt, v_target, v_pred, fm_loss, kl, loss): the most "
              "likely origin. In the first pass, before any update, it is a bug of the step itself. A correct "
-             "pipeline does not produce it; under fp16 without a grad scaler, hand the scaler over."),
+             "pipeline does not produce it; under fp16 without a grad scaler, hand the scaler over. When the step's "
+             "outputs are non-finite before any training (kl.nonfinite, structure.non_finite in the same run), "
+             "this finding is listed as covered by theirs."),
     Rule("overfit.scale_drift", Verdict.FAIL, "The head's output scale runs away while the set is overfit",
          "scale drift: ||x0||/||x1|| went {start} -> {end} ({drift}x, limit {limit}x) by step {step}{rising}: the "
          "head's output scale runs away under a KL weight of {weight}",
          _SCALE_FIX, _scale_drift,
+         covered_by=("kl.sign_flipped", "kl.weight_negative"),  # a KL that rewards leaving the prior: kl's cause
          doc="||x0||/||x1|| (mean per-sample norms, window means) is watched at every checkpoint; its drift is how "
              "far it leaves the band between its start and 1. Beyond `scale_fail` (3x) the run fails: with the "
              "target v* = x1 - x0 detached, the head can inflate z0 under a weak KL, and cos(v_pred, v*) then rises "
              "for the wrong reason. A correct pipeline whose KL holds the scale loosely may drift: raise "
-             "`scale_fail` if the drift is intended."),
+             "`scale_fail` if the drift is intended. A KL with a flipped sign or a negative weight drives it: with "
+             "kl.sign_flipped or kl.weight_negative in the same run, this finding is listed as covered by it."),
     Rule("overfit.diverged", Verdict.FAIL, "The loss diverges while the set is overfit",
          "diverged: {loss} rose to {rise}x its start (limit {limit}x) by step {step}: {progress}{because}",
          "lower the learning rate or clip gradients (the pipeline field 'before_optimizer_step' runs your clipping "

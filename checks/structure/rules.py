@@ -87,8 +87,12 @@ def _non_finite(ev: StructureEvidence, th: StructureThresholds) -> Optional[Hit]
     if not ev.non_finite:
         return None
     first = ev.non_finite[0]
+    names = set(f.key for f in ev.non_finite)
     keys = ", ".join(repr(k) for k in dict.fromkeys(f.key for f in ev.non_finite))
-    return Hit.of(observed=first.count, bound="0", unit="values", keys=keys, key=first.key, batch=first.batch)
+    # only the kl and the loss that adds it: the kl's own finding (kl.nonfinite) names the cause
+    subject = "kl" if names <= {"kl", "loss"} and "kl" in names else f"outputs {keys}"
+    return Hit.of(observed=first.count, bound="0", unit="values", subject=subject, keys=keys, key=first.key,
+                  batch=first.batch)
 
 
 def _train_mode(ev: StructureEvidence, th: StructureThresholds) -> list[Hit]:
@@ -104,7 +108,8 @@ def _train_mode(ev: StructureEvidence, th: StructureThresholds) -> list[Hit]:
 
 
 def _requires_grad(ev: StructureEvidence, th: StructureThresholds) -> list[Hit]:
-    return [Hit.of(observed=m.grad_tensors, bound="0", unit="tensors", module=m.name, tensors=m.tensors,
+    return [Hit.of(observed=m.grad_tensors, bound="0", unit="tensors", subject=m.name, module=m.name,
+                   tensors=m.tensors,
                    values=f"{m.grad_elements:,}", example=m.grad_names[0] if m.grad_names else "?",
                    by_step="; turned on by the step" if m.grad_by_step else "")
             for m in ev.frozen if m.grad_tensors]
@@ -242,9 +247,12 @@ RULES = (
         fix="Find the first output that turns NaN/Inf (logvar.exp() without a clamp, a division by a norm, float16 "
             "overflow above 65504) and bound it.",
         test=_non_finite,
+        covered_by=("kl.nonfinite",),
         doc="Every floating-point tensor (and float) the step returns, over the measuring batches, is scanned for "
             "NaN and Inf; the message names the keys and the first batch. A non-finite loss or prediction at step 0 "
-            "poisons every gradient: there is no correct pipeline on which this fires."),
+            "poisons every gradient: there is no correct pipeline on which this fires. When only the kl (and the "
+            "loss that adds it) are non-finite, the `kl` check's kl.nonfinite names the cause and this finding is "
+            "listed as covered by it."),
     Rule(
         code="structure.frozen_train_mode", verdict=Verdict.WARN,
         title="A frozen module has mode-dependent layers (dropout, batch-norm) active in train mode",
@@ -267,11 +275,13 @@ RULES = (
         fix="Call .requires_grad_(False) on frozen modules (the target check's gradient audit says whether they "
             "actually receive gradient).",
         test=_requires_grad,
+        covered_by=("target.frozen_gradient",),
         doc="Parameters of a frozen module (pipeline field `frozen`, plus the `vae`) with requires_grad=True, before "
             "or after the step; parameters shared with a trainable module are trained on purpose and not counted. "
             "Harmless when no loss reaches them, but autograd then keeps their graph and memory, and a later change "
-            "that lets the loss reach them trains a module declared frozen. The `target` check says whether they "
-            "actually receive gradient."),
+            "that lets the loss reach them trains a module declared frozen. When the loss's gradient does reach "
+            "the module, the `target` check's target.frozen_gradient on it is the finding, and this one is listed "
+            "as covered by it."),
     Rule(
         code="structure.frozen_in_optimizer", verdict=Verdict.FAIL,
         title="A frozen module's parameters are in the optimizer",

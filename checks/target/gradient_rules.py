@@ -77,12 +77,10 @@ def _kl_reaches_other(ev: Evidence, th: Any) -> Optional[Hit]:
     return Hit.of(", ".join(sorted(others)), "none", modules=", ".join(sorted(others))) if others else None
 
 
-def _frozen_gradient(ev: Evidence, th: Any) -> Optional[Hit]:
-    hits = ev.gradients.frozen_hits()
-    if not hits:
-        return None
-    return Hit.of(max(hits.values()), "0", "|grad|", modules=", ".join(sorted(hits)),
-                  norms=", ".join(f"{n:.3g}" for n in hits.values()))
+def _frozen_gradient(ev: Evidence, th: Any) -> list[Hit]:
+    # one per module, the module's key its subject: structure's requires_grad finding on it names the same cause
+    return [Hit.of(norm, "0", "|grad|", subject=module, module=module, norm=f"{norm:.3g}")
+            for module, norm in sorted(ev.gradients.frozen_hits().items())]
 
 
 def _trainable_without_gradient(ev: Evidence, th: Any) -> Optional[Hit]:
@@ -118,7 +116,7 @@ GRADIENT_RULES = (
           "so does any gradient of fm_loss that flows back through v_target (pulled back to the parameters). The "
           "head then also pulls z0 toward what the net predicts. A correct pipeline never gives it."),
     rule("frozen_gradient", FAIL, "The loss's gradient reaches a frozen module (VAE, text encoder)",
-          "frozen module(s) {modules} receive gradient (|grad| {norms})",
+          "frozen module '{module}' receives gradient (|grad| {norm})",
           "Freeze them (module.requires_grad_(False)) and run them under torch.no_grad() (e.g. the VAE encode that "
           "makes z1): they are not trained, and their graph costs memory and time.",
           _frozen_gradient,

@@ -157,7 +157,8 @@ def fixes(report: Report) -> Optional[Table]:
     """What to fix, first: one entry per finding that counts, FAIL then ERROR then WARN across all checks: verdict,
     then the code and its message (the number against its bound), then ``fix:`` under it. The message wraps under
     the code, so the whole width carries words; a fix shared by several findings is said once. A check that crashed
-    (no finding) gives its id and fix: its row says what happened. Ignored findings follow, dimmed, a line each."""
+    (no finding) gives its id and fix: its row says what happened. Ignored findings, and those another check's
+    finding covers (the same cause), follow, dimmed."""
     entries: list[tuple[Verdict, str, str, Optional[str]]] = []
     for result in report.checks:
         live = active(result.findings)
@@ -165,7 +166,7 @@ def fixes(report: Report) -> Optional[Table]:
             entries += [(f.verdict, f.code, finding_text(f), f.fix or None) for f in live]
         elif result.verdict in _URGENCY and result.hint:  # a crash, a leak, a plugin that failed to load: its row
             entries.append((result.verdict, result.id, "", result.hint))  # says what happened; here, the fix
-    ignored = [f for result in report.checks for f in result.findings if f.ignored]
+    ignored = [f for result in report.checks for f in result.findings if f.ignored or f.covered_by]
     if not entries and not ignored:
         return None
     entries.sort(key=lambda e: _URGENCY.index(e[0]))  # stable: the checks' order within a verdict
@@ -180,8 +181,9 @@ def fixes(report: Report) -> Optional[Table]:
             head = Text.assemble(head, "\n", ("fix: ", "bold"), fix)
         grid.add_row(verdict_text(verdict), head)
     for f in ignored:
-        grid.add_row(Text("skip", style="dim"),
-                     Text(f"{f.code}  ignored (--ignore): {f.verdict.value.upper()} {f.message}", style="dim"))
+        why = "ignored (--ignore)" if f.ignored else f"covered by {f.covered_by} (one cause, one finding)"
+        grid.add_row(Text("skip", style="dim"), Text(f"{f.code}  {why}: {f.verdict.value.upper()} {f.message}",
+                                                     style="dim"))
     return grid
 
 

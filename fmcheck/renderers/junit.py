@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+from ..findings import counts
 from ..report import Measurement, Report
 from ..verdict import Verdict
 
@@ -44,7 +45,7 @@ def _outcome(case: ET.Element, verdict: Verdict, message: str, body: str, strict
 def to_junit(report: Report) -> str:
     """One test case per finding that did not pass (``<check>`` class, the finding's code as the name), so a CI
     dashboard tracks each cause on its own; one per check that has none (its PASS, SKIP or crash); an ignored
-    finding is a skipped test case. Measurements are the properties of their check's cases."""
+    finding, or one another check's finding covers, is a skipped test case. Measurements are the properties of their check's cases."""
     classname = f"fmcheck.{_text(report.pipeline or 'pipeline')}"
     suite = ET.Element("testsuite", {"name": "fmcheck"})
     properties = ET.SubElement(suite, "properties")
@@ -53,8 +54,8 @@ def to_junit(report: Report) -> str:
     counted = {v: 0 for v in Verdict}
     for check in report.checks:
         measurements = "\n".join(f"{m.name}: {_property(m)}" for m in check.measurements)
-        shown = [f for f in check.findings if f.ignored or f.verdict in (Verdict.FAIL, Verdict.ERROR, Verdict.WARN)]
-        if not any(not f.ignored for f in shown):  # the check's own case: PASS, SKIP, a crash, or all ignored
+        shown = [f for f in check.findings if f.verdict in (Verdict.FAIL, Verdict.ERROR, Verdict.WARN)]
+        if not any(counts(f) for f in shown):  # the check's own case: PASS, SKIP, a crash, or all ignored
             verdict = check.verdict
             case = _case(suite, f"{classname}.{check.id}", check.id, check.duration_s, verdict)
             _add_properties(case, check)
@@ -64,10 +65,14 @@ def to_junit(report: Report) -> str:
             counted[verdict] += 1
             _system_out(case, check, [])
         for finding in shown:
-            verdict = Verdict.SKIP if finding.ignored else finding.verdict
+            verdict = finding.verdict if counts(finding) else Verdict.SKIP
             case = _case(suite, f"{classname}.{check.id}", finding.code, 0.0, verdict)
             _add_properties(case, check)
-            message = f"ignored (--ignore {finding.code}): {finding.message}" if finding.ignored else finding.message
+            message = finding.message
+            if finding.ignored:
+                message = f"ignored (--ignore {finding.code}): {message}"
+            elif finding.covered_by:
+                message = f"covered by {finding.covered_by} (the same cause): {message}"
             body = "\n".join(x for x in (f"fix: {finding.fix}" if finding.fix else "", measurements, check.error or "")
                              if x)
             _outcome(case, verdict, message, body, report.strict)

@@ -34,6 +34,9 @@ def check_failure(result: CheckResult, *, measurements: bool = True) -> list[str
     ignored = [f.code for f in result.findings if f.ignored]
     if ignored:
         lines.append(f"  ignored: {', '.join(ignored)}")
+    covered = [f"{f.code} (by {f.covered_by})" for f in result.findings if f.covered_by and not f.ignored]
+    if covered:
+        lines.append(f"  covered: {', '.join(covered)}")
     if measurements:
         lines += [measurement_line(m) for m in result.measurements]
     if result.error:

@@ -233,7 +233,10 @@ def test_gradient_into_a_frozen_module_fails():
                               "roles": {"velocity": 2.0, "head": 1.0}})
     ev = replace(CORRECT, gradients=replace(GRADIENTS, grads=grads))
     assert findings(ev) == {"target.frozen_gradient": Verdict.FAIL}
-    assert messages(ev)["target.frozen_gradient"] == "frozen module(s) vae receive gradient (|grad| 0.01)"
+    assert messages(ev)["target.frozen_gradient"] == "frozen module 'vae' receives gradient (|grad| 0.01)"
+    # one finding per module, the module its subject: structure's requires_grad finding on it is the same cause
+    (finding,) = evaluate(TargetCheck.rules, ev, TargetCheck.Thresholds())
+    assert finding.subject == "vae"
 
 
 def test_the_flow_matching_gradient_must_reach_the_velocity_net_and_the_head_through_x_t():
