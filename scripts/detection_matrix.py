@@ -14,10 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fixtures.catalog import checks_to_run, discover  # noqa: E402
+from fixtures.catalog import checks_to_run, discover, reported  # noqa: E402
 from fmcheck.config import Settings  # noqa: E402
 from fmcheck.contract import load_pipeline  # noqa: E402
-from fmcheck.findings import active  # noqa: E402
 from fmcheck.registry import discover as discover_checks  # noqa: E402
 from fmcheck.runner import run  # noqa: E402
 
@@ -39,7 +38,7 @@ def main() -> None:
         report = run(load_pipeline(fixture.spec), Settings(), only=checks_to_run(fixture, checks),
                      pipeline_name=fixture.spec)
         got = {c.id: c.verdict.value for c in report.checks}
-        codes = {f.code: f.verdict.value for c in report.checks for f in active(c.findings)}
+        codes = reported(report)
         cells = []
         for check_id in checks:
             if check_id not in got:

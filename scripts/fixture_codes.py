@@ -16,10 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fixtures.catalog import discover, checks_to_run  # noqa: E402
+from fixtures.catalog import checks_to_run, discover, reported  # noqa: E402
 from fmcheck.config import Settings  # noqa: E402
 from fmcheck.contract import load_pipeline  # noqa: E402
-from fmcheck.findings import active  # noqa: E402
 from fmcheck.registry import discover as discover_checks  # noqa: E402
 from fmcheck.runner import run  # noqa: E402
 
@@ -34,7 +33,7 @@ def main(argv: list[str]) -> None:
             continue
         report = run(load_pipeline(fixture.spec), Settings(), only=checks_to_run(fixture, builtin),
                      pipeline_name=fixture.spec)
-        codes = {f.code: f.verdict.value for c in report.checks for f in active(c.findings)}
+        codes = reported(report)
         verdicts = {c.id: c.verdict.value for c in report.checks}
         changed = [f"{k}: expected {v}, got {verdicts.get(k)}" for k, v in fixture.expect.items()
                    if "." not in k and verdicts.get(k) != v]

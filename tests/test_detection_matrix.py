@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures.catalog import checks_to_run, discover
+from fixtures.catalog import checks_to_run, discover, reported
 from fmcheck.config import Settings
 from fmcheck.contract import load_pipeline
-from fmcheck.findings import active
 from fmcheck.registry import discover as discover_checks
 from fmcheck.runner import run
 from fmcheck.state import state_digest
@@ -33,8 +32,8 @@ def test_fixture_findings(fixture):
     assert state_digest(pipeline) == before, f"{fixture.name}: the user's state was not restored bit for bit"
     got = {c.id: c.verdict.value for c in report.checks}
     summaries = {c.id: c.summary for c in report.checks}
-    codes = {f.code: f.verdict.value for c in report.checks for f in active(c.findings)}
-    messages = {f.code: f.message for c in report.checks for f in active(c.findings)}
+    codes = reported(report)
+    messages = {f.code: f.message for c in report.checks for f in c.findings}
     errors = {k: summaries[k] for k, v in got.items() if v == "error"}
     assert not errors, f"{fixture.name}: checks crashed: {errors}"
     assert codes == fixture.codes, (f"{fixture.name}: findings {codes} but EXPECT names {fixture.codes}; "

@@ -44,8 +44,11 @@ def _unbounded(ev: KLEvidence, th: KLThresholds):
 
 def _nonfinite_under_stress(ev: KLEvidence, th: KLThresholds):
     s = ev.stress
-    # an unbounded logvar explains a non-finite KL: kl.unbounded names that cause once
-    if s.located is not None and s.ran and not s.kl_finite and s.logvar_max_abs <= th.logvar_bound:
+    # an unbounded logvar explains a non-finite KL (kl.unbounded names that cause once), and a kl that is already
+    # non-finite unstressed is kl.nonfinite's
+    unstressed_finite = ev.formula is None or ev.formula.kl_finite
+    if s.located is not None and s.ran and not s.kl_finite and s.logvar_max_abs <= th.logvar_bound \
+            and unstressed_finite:
         shown = ", ".join(f"{k:.4g}" for k in s.kls) or "not finite"
         return Hit.of(shown, "finite", module=s.located)
     return None

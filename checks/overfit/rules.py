@@ -265,10 +265,12 @@ RULES = (
          "cannot overfit: {modules} received no gradient in any of the first {step} steps; {progress}",
          "compute v_pred with autograd from {names} (no torch.no_grad, .detach(), .data); then " + w.GENERIC,
          _no_gradient,
+         covered_by=("target.loss_without_graph",),  # a loss with no graph at all: no module can get gradient
          doc="The gradient norm of every trainable module is recorded at every step; a module whose norm was 0 in "
              "every step up to the first checkpoint is cut from the loss (v_pred under torch.no_grad, a .detach() "
              "or .data on its path). A module that is trainable but unused by the loss on purpose triggers it: "
-             "leave it out of the trainable modules."),
+             "leave it out of the trainable modules. When the `target` check finds the loss carries no graph at all "
+             "(target.loss_without_graph) in the same run, this finding is listed as covered by it."),
     Rule("overfit.stalled", Verdict.FAIL, "The run will not overfit the set within the step budget",
          "will not overfit within {budget} steps: after {step} steps {progress} ({needs}); even optimistic trends "
          "reach only a {reach} fall{cos}{regime}{because}",

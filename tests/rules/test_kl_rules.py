@@ -262,3 +262,10 @@ def test_one_cause_one_finding_a_non_finite_kl_is_not_also_a_formula_mismatch():
     ev = with_(formula={"kl_finite": False, "kl_min": math.nan, "reduction": None, "factor": None, "label": None,
                         "closest": None, "closest_ratio": None})
     assert codes(ev) == {"kl.nonfinite": Verdict.FAIL}  # not also "kl.formula_mismatch"
+
+
+def test_one_cause_one_finding_a_kl_non_finite_unstressed_is_not_also_non_finite_under_stress():
+    ev = with_(formula={"kl_finite": False, "kl_min": math.nan, "reduction": None, "factor": None, "label": None,
+                        "closest": None, "closest_ratio": None},
+               stress={"kl_finite": False, "kls": (math.nan,)})
+    assert codes(ev) == {"kl.nonfinite": Verdict.FAIL}
