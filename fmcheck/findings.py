@@ -128,15 +128,20 @@ def conclude(findings: Sequence[Finding], passed: str) -> tuple[Verdict, str, Op
     """A check's verdict, summary and hint from its findings: the one ordering and joining policy.
 
     The summary is the first findings' messages (worst first) and a count of the rest; the hint joins each distinct
-    fix once. With no finding that counts, the verdict is PASS and the summary is ``passed`` (what was measured),
-    followed by the ignored findings' codes, so an ignored finding is never silently dropped."""
+    fix once. With no finding that counts, the verdict is PASS and the summary is ``passed`` (what was measured), or,
+    when findings were set aside (ignored, or covered by another check's), those findings with why: an ignored
+    finding is never silently dropped, and a passing summary never claims what a set-aside finding contradicts."""
     live = active(findings)
-    ignored = [f.code for f in findings if f.ignored]
-    covered = [f"{f.code} by {f.covered_by}" for f in findings if f.covered_by is not None and not f.ignored]
     if not live:
-        notes = [f"{len(ignored)} ignored: {', '.join(dict.fromkeys(ignored))}"] if ignored else []
-        notes += [f"covered: {', '.join(dict.fromkeys(covered))}"] if covered else []
-        return Verdict.PASS, (passed or "no findings") + (f" ({'; '.join(notes)})" if notes else ""), None
+        # Nothing counts. Findings set aside (--ignore, or covered by another check's finding of the same cause)
+        # are said instead of what was measured: a passing summary would claim what they contradict.
+        quiet = [f for f in findings if f.ignored or f.covered_by is not None]
+        if not quiet:
+            return Verdict.PASS, passed or "no findings", None
+        said = [f"{f.code} " + ("ignored" if f.ignored else f"covered by {f.covered_by}") + f": {f.message}"
+                for f in quiet[:SUMMARY_FINDINGS]]
+        more = len(quiet) - SUMMARY_FINDINGS
+        return Verdict.PASS, "; ".join(said) + (f" (+{more} more)" if more > 0 else ""), None
     shown = "; ".join(f.message for f in live[:SUMMARY_FINDINGS])
     more = len(live) - SUMMARY_FINDINGS
     summary = shown + (f" (+{more} more)" if more > 0 else "")

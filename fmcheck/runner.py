@@ -195,12 +195,14 @@ def settle(result: CheckResult, passed: str, ignored: Iterable[str] = (), strict
     return settled
 
 
-def cover_across(results: list[CheckResult], checks: Iterable[type[Check]], settings: Settings) -> list[CheckResult]:
-    """One cause, one finding: once every check has run, a finding whose rule names another check's finding as the
-    owner of its cause (``Rule.covered_by``), when that finding counts, is marked covered and the check settled
-    again. Run alone, each check still reports it."""
+def cover_across(results: list[CheckResult], checks: Iterable[type[Check]], settings: Settings,
+                 owners: Optional[list[CheckResult]] = None) -> list[CheckResult]:
+    """One cause, one finding: a finding whose rule names another check's finding as the owner of its cause
+    (``Rule.covered_by``), when that finding counts among ``owners`` (default: ``results``), is marked covered and
+    its check settled again. The runner applies it as each check finishes (owners usually run first: scale before
+    norms, target before structure) and once more at the end. Run alone, each check still reports it."""
     rules = {rule.code: rule for check in checks for rule in check.rules}
-    counting = [f for r in results for f in active(r.findings)]
+    counting = [f for r in (results if owners is None else owners) for f in active(r.findings)]
     out = []
     for result in results:
         covered = cover(result.findings, rules, counting)
@@ -345,6 +347,7 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
                 result = CheckResult(id=check.id, title=check.title, verdict=Verdict.ERROR,
                                      summary="interrupted (Ctrl-C); state restored",
                                      duration_s=time.perf_counter() - started)  # the time it ran, not 0
+            (result,) = cover_across([result], checks, settings, owners=results)  # before its row is shown
             results.append(result)
             listener.check_finished(result)
             if interrupted:

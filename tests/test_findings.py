@@ -52,8 +52,9 @@ def test_conclude_orders_fail_error_warn_and_joins_two_messages():
 
 
 def test_conclude_with_nothing_counting_passes_and_names_the_ignored():
-    verdict, summary, hint = conclude([_finding("a.w", Verdict.WARN, ignored=True)], "ratio 1.0")
-    assert (verdict, summary, hint) == (Verdict.PASS, "ratio 1.0 (1 ignored: a.w)", None)
+    verdict, summary, hint = conclude([_finding("a.w", Verdict.WARN, "x1 is 2.5x larger", ignored=True)], "ratio 1.0")
+    # what was set aside is said, never a passing summary it contradicts
+    assert (verdict, summary, hint) == (Verdict.PASS, "a.w ignored: x1 is 2.5x larger", None)
     assert conclude([], "ratio 1.0") == (Verdict.PASS, "ratio 1.0", None)
 
 
@@ -106,7 +107,7 @@ def test_ignore_drops_exactly_that_finding_and_lists_it(tiny_pipeline, rules_reg
     assert result.verdict is Verdict.WARN and report.exit_code == 0 and report.ignored == ["t_rules.far"]
     assert result.summary == "the larger side is x0"
     both = _run(tiny_pipeline, rules_registry, thresholds=TIGHT, ignore=["t_rules.far", "t_rules.larger"]).checks[0]
-    assert both.verdict is Verdict.PASS and both.summary == "ratio 0.973 (2 ignored: t_rules.far, t_rules.larger)"
+    assert both.verdict is Verdict.PASS and both.summary.startswith("t_rules.far ignored: ||x1||/||x0|| = 0.9726")
 
 
 def test_ignoring_an_unknown_code_is_a_usage_error_with_a_suggestion(tiny_pipeline, rules_registry):
@@ -216,7 +217,7 @@ def test_a_finding_another_checks_finding_names_is_covered_and_counts_toward_not
     symptom = Finding(code="b.symptom", verdict=Verdict.FAIL, message="the symptom", strict=False)
     (covered,) = cover([symptom], rules, [cause])
     assert covered.covered_by == "a.cause"
-    assert conclude([covered], "ratio 5.5") == (Verdict.PASS, "ratio 5.5 (covered: b.symptom by a.cause)", None)
+    assert conclude([covered], "same units") == (Verdict.PASS, "b.symptom covered by a.cause: the symptom", None)
     assert cover([symptom], rules, []) == [symptom]  # run alone, the check still reports it
 
 
@@ -239,6 +240,6 @@ def test_the_seed_bug_names_its_scale_cause_once():
     norms = report.check("norms")
     (finding,) = norms.findings
     assert finding.code == "norms.z1_scale" and finding.covered_by == "scale.twice"
-    assert norms.verdict is Verdict.PASS and "covered: norms.z1_scale by scale.twice" in norms.summary
+    assert norms.verdict is Verdict.PASS and norms.summary.startswith("norms.z1_scale covered by scale.twice: ")
     alone = run(load_pipeline("fixtures.bugs.scale_twice:build"), Settings(), only=["norms"])
     assert alone.check("norms").verdict is Verdict.FAIL  # without scale, norms says it

@@ -181,8 +181,8 @@ def fixes(report: Report) -> Optional[Table]:
             head = Text.assemble(head, "\n", ("fix: ", "bold"), fix)
         grid.add_row(verdict_text(verdict), head)
     for f in ignored:
-        why = "ignored (--ignore)" if f.ignored else f"covered by {f.covered_by} (one cause, one finding)"
-        grid.add_row(Text("skip", style="dim"), Text(f"{f.code}  {why}: {f.verdict.value.upper()} {f.message}",
+        why = "ignored (--ignore)" if f.ignored else f"covered by {f.covered_by}: the same cause"
+        grid.add_row(Text("skip", style="dim"), Text(f"{f.code}  {why}; {f.verdict.value.upper()} {finding_text(f)}",
                                                      style="dim"))
     return grid
 
@@ -198,12 +198,17 @@ def _grid(id_width: int) -> Table:
 
 
 def row_text(result: CheckResult) -> str:
-    """A check's row: the codes of its findings when it has any that count (their messages and fixes follow in the
-    list of fixes: nothing is said twice), else its summary (what it measured, why it skipped, how it crashed)."""
+    """A check's row: the codes of its findings when it has any that count, or of those set aside (ignored, covered
+    by another check's finding), whose words follow in the list of fixes: nothing is said twice. Else its summary
+    (what it measured, why it skipped, how it crashed)."""
     live = active(result.findings)
     if live:
         codes = list(dict.fromkeys(f.code for f in live))
         return f"{len(live)} finding{'s' if len(live) > 1 else ''}: {', '.join(codes)}"
+    quiet = [f for f in result.findings if f.ignored or f.covered_by]
+    if quiet:
+        return "set aside: " + ", ".join(
+            f"{f.code} ({'ignored' if f.ignored else 'covered by ' + str(f.covered_by)})" for f in quiet)
     return result.summary
 
 
