@@ -181,3 +181,14 @@ def test_list_and_explain_fall_back_to_the_full_cli_when_plugins_are_installed()
     assert listed.returncode == 0 and "t_rules" in listed.stdout  # a plugin's title needs its import
     explained = cli("explain", "t_rules.far")
     assert explained.returncode == 0 and "the ratio is far from 1" in explained.stdout
+
+
+def test_explain_a_builtin_code_prints_its_rule_doc():
+    result = run_cli("explain", "scale.twice")
+    assert result.returncode == 0, result.stderr
+    flat = " ".join(result.stdout.split())
+    assert "scale.twice" in flat and "(FAIL)" in flat and "--ignore scale.twice" in flat
+    from fmcheck.registry import discover
+
+    rule = next(r for r in discover().get("scale").rules if r.code == "scale.twice")
+    assert " ".join(rule.doc.split())[:60] in flat  # the rule's own doc, not a summary of it
