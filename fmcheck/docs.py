@@ -28,7 +28,8 @@ def rule_markdown(rule: Any, cls: Any) -> str:
              f"Reported by the `{cls.id}` check ({cls.title}); `fmcheck explain {cls.id}` says what it measures.", ""]
     if rule.doc:
         lines += [rule.doc, ""]
-    lines += ["## Message", "", f"`{rule.message}`", "", "## Fix", "", _plain_template(rule.fix), "",
+    lines += ["## Message (its fields filled with the run's numbers)", "", f"`{rule.message}`", "", "## Fix", "",
+              _plain_template(rule.fix), "",
               "## Ignoring it", "",
               f"`--ignore {rule.code}`, or `ignore = [\"{rule.code}\"]` under `[tool.fmcheck]`: the finding is then "
               "listed as ignored and counts toward no verdict or exit code.", ""]
@@ -44,11 +45,9 @@ def check_markdown(cls: Any) -> str:
         lines += ["## Typical causes", ""] + [f"- {c}" for c in doc.causes] + [""]
     if cls.rules:
         lines += ["## Findings", "",
-                  "Each is reported under its code; `fmcheck explain CODE` prints its doc, `--ignore CODE` (or "
-                  "`ignore = [...]` in the config) lists it as ignored instead of counting it.", "",
-                  "| code | verdict | finding | fix |", "|---|---|---|---|",
-                  *(f"| `{r.code}` | {r.verdict.value.upper()} | {_cell(r.title)} | {_cell(_plain_template(r.fix))} |"
-                    for r in cls.rules), ""]
+                  "Each is reported under its code; `fmcheck explain CODE` prints its doc and fix, `--ignore CODE` "
+                  "(or `ignore = [...]` in the config) lists it as ignored instead of counting it.", "",
+                  *(f"- `{r.code}` ({r.verdict.value.upper()}): {r.title}" for r in cls.rules), ""]
     rows = _threshold_rows(cls)
     if rows:
         lines += ["## Thresholds", "",

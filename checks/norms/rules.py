@@ -171,8 +171,8 @@ RULES = (
         code="norms.z1_scale", verdict=Verdict.FAIL,
         title="x1 (the data latent) is off scale against x0",
         message=RATIO_MESSAGE,
-        fix="`fmcheck scale` names the cause (scaling_factor missing, applied twice or inverted, a config that does "
-            "not fit this VAE, a shift ignored). " + NO_RATIO_FIX,
+        fix="The data latent x1 is off scale: `fmcheck scale` names the cause (scaling_factor missing, applied twice "
+            "or inverted, a config that does not fit this VAE, a shift ignored). " + NO_RATIO_FIX,
         test=_scale(True),
         covered_by=SCALE_CAUSES,
         doc=RATIO_DOC + "This finding is for the case where x1 is the side off scale: its per-dimension RMS is "

@@ -49,15 +49,23 @@ def check_list(registry: Any, console: Console) -> None:
 
 def code_list(registry: Any, console: Console) -> None:
     """`fmcheck list --codes`: every finding code a run can report, with its verdict and what it names."""
-    table = Table(title="fmcheck finding codes", title_justify="left")
-    for column in ("code", "verdict", "finding"):
-        table.add_column(column)
-    for cls in registry.ordered():
-        for rule in cls.rules:
-            table.add_row(rule.code, rule.verdict.value.upper(), rule.title)
-        if not cls.rules:  # a check without rules reports under its id
-            table.add_row(cls.id, "", Text(f"{cls.title} (the check declares no rules)", style="dim"))
-    console.print(table)
+    rows = [(rule.code, rule.verdict.value.upper(), rule.title) for cls in registry.ordered() for rule in cls.rules]
+    rows += [(cls.id, "", f"{cls.title} (the check declares no rules)") for cls in registry.ordered() if not cls.rules]
+    _code_rows(rows, console)
+
+
+def _code_rows(rows: list[tuple[str, str, str]], console: Console) -> None:
+    """One line per code, in columns of plain text: a hundred-row Rich table costs more to lay out than the rest of
+    the command."""
+    width = max((len(code) for code, _, _ in rows), default=0)
+    for code, verdict, title in rows:
+        line = Text(code.ljust(width + 2), style="bold")
+        line.append(f"{verdict:<6}", style=_VERDICT_STYLE.get(verdict, ""))
+        line.append(title)
+        console.print(line, soft_wrap=True)
+
+
+_VERDICT_STYLE = {"FAIL": "red", "WARN": "yellow"}
 
 
 def catalog_list(catalog: dict, console: Console) -> None:
@@ -71,21 +79,45 @@ def catalog_list(catalog: dict, console: Console) -> None:
 
 
 def catalog_codes(catalog: dict, console: Console) -> None:
-    """`fmcheck list --codes` from the catalogue: the same table as :func:`code_list`."""
-    table = Table(title="fmcheck finding codes", title_justify="left")
-    for column in ("code", "verdict", "finding"):
-        table.add_column(column)
-    for check in catalog["checks"]:
-        for rule in check["rules"]:
-            table.add_row(rule["code"], rule["verdict"].upper(), rule["title"])
-    console.print(table)
+    """`fmcheck list --codes` from the catalogue: the same lines as :func:`code_list`."""
+    _code_rows([(r["code"], r["verdict"].upper(), r["title"]) for c in catalog["checks"] for r in c["rules"]], console)
 
 
 def markdown(text: str, console: Console) -> None:
+    """`fmcheck explain`: fmcheck's own doc pages (headings, paragraphs, bullets, tables, code blocks, inline code)
+    drawn with plain Rich text. rich.markdown would parse them with markdown-it and colour code with Pygments: that
+    import alone takes as long as Python, typer, rich and pydantic together, for pages this simple."""
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced:
+            console.print(Text("    " + line, style="dim"), soft_wrap=True)
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            console.print(_inline(line[level:].strip(), "bold underline" if level == 1 else "bold"))
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):  # not the |---| separator
+                console.print(Text("  ").append_text(_inline("  ".join(cells))))
+        elif line.lstrip().startswith("- "):
+            indent = len(line) - len(line.lstrip())
+            console.print(Text(" " * indent + " • ").append_text(_inline(line.lstrip()[2:])))
+        else:
+            console.print(_inline(line))
+
+
+def _inline(text: str, style: str = "") -> Text:
+    """``code`` in cyan, **bold** in bold; the marks themselves are dropped."""
     import re
 
-    from rich.markdown import Markdown  # markdown-it only for `explain`: `list` stays light
-
-    # Code blocks print as plain text: loading a Pygments lexer to colour a five-line snippet takes longer than
-    # the rest of `explain` together.
-    console.print(Markdown(re.sub(r"^```[\w+-]+$", "```text", text, flags=re.M)))
+    out = Text(style=style)
+    for part in re.split(r"(`[^`]+`|\*\*[^*]+\*\*)", text):
+        if part.startswith("`") and part.endswith("`") and len(part) > 1:
+            out.append(part[1:-1], style="cyan")
+        elif part.startswith("**") and part.endswith("**") and len(part) > 3:
+            out.append(part[2:-2], style="bold")
+        else:
+            out.append(part)
+    return out

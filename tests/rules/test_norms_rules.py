@@ -45,7 +45,8 @@ def test_the_z1_finding_says_which_side_and_points_at_scale_for_the_cause():
     assert hit.verdict is Verdict.FAIL and hit.observed == 5.5 and hit.bound == "0.5..2"
     assert "x1 (the data latent) is 5.5x larger" in hit.message and "(E||x0|| 16, E||x1|| 88" in hit.message
     assert "expected 0.5..2" in hit.message and "per-dimension RMS x0 1, x1 5.5;" in hit.message
-    assert "fmcheck scale` names the cause" in hit.fix and "ratio correction" in hit.fix
+    assert "data latent x1 is off scale" in hit.fix and "fmcheck scale` names the cause" in hit.fix
+    assert "ratio correction" in hit.fix
     # a data latent too SMALL (scaling applied twice) is the same cause, the other way
     small = finding(x1_scaled(0.18), "norms.z1_scale")
     assert "x0 (the source) is 5.56x larger" in small.message and "fmcheck scale` names the cause" in small.fix
