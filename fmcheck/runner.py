@@ -173,12 +173,24 @@ def _result(check: type[Check], thresholds: Any, reason_outcome: Any, measured: 
         if verdict is Verdict.SKIP:
             return CheckResult(id=check.id, title=check.title, verdict=verdict, summary=judgement.summary,
                                measurements=judgement.measurements, duration_s=duration, details=judgement.details)
-        findings = [] if verdict is Verdict.PASS else [
-            Finding(code=check.id, verdict=verdict, message=judgement.summary, fix=judgement.hint or "")]
+        findings = [] if verdict is Verdict.PASS else [_legacy_finding(check, judgement, verdict)]
     result = CheckResult(id=check.id, title=check.title, verdict=Verdict.PASS, summary=judgement.summary,
                          measurements=judgement.measurements, duration_s=duration, details=judgement.details,
                          findings=findings)
     return settle(result, judgement.summary, settings.ignore, settings.strict)
+
+
+def _legacy_finding(check: type[Check], judgement: Judgement, verdict: Verdict) -> Finding:
+    """A check without rules: its verdict as one finding under its id, with its summary, its hint, and the worst
+    judged measurement's number against its bound."""
+    worst = next((m for v in (Verdict.FAIL, Verdict.ERROR, Verdict.WARN) for m in judgement.measurements
+                  if m.verdict is v), None)
+    if worst is None:
+        return Finding(code=check.id, verdict=verdict, message=judgement.summary, fix=judgement.hint or "")
+    unit = f" {worst.unit}" if worst.unit else ""
+    number = f"{worst.name} = {worst.value}{unit}" + (f", expected {worst.expected}" if worst.expected else "")
+    return Finding(code=check.id, verdict=verdict, message=f"{judgement.summary} ({number})", fix=judgement.hint or "",
+                   observed=worst.value, bound=worst.expected, unit=worst.unit)
 
 
 def settle(result: CheckResult, passed: str, ignored: Iterable[str] = (), strict: bool = False) -> CheckResult:

@@ -281,7 +281,7 @@ def test_a_frozen_module_receiving_gradient_fails():
     result = _run(vae_grad=True)
     assert result.verdict is Verdict.FAIL
     assert "target.frozen_gradient" in _codes(result)
-    assert "frozen module(s) vae receive gradient" in result.summary
+    assert "frozen module 'vae' receives gradient" in result.summary
     assert result.details["path"]["fit"]["ok"]  # the path audit itself is unaffected
 
 

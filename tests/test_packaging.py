@@ -140,3 +140,13 @@ def test_a_regular_install_from_the_wheel_runs_every_check(tmp_path):
     ran = {c["id"]: c["verdict"] for c in report["checks"]}
     assert set(ran) >= {"scale", "norms", "target", "kl", "overfit", "structure", "ranks"}, ran
     assert "error" not in ran.values(), ran
+    # the catalogue ships in the wheel: `list --codes` and `explain CODE` read it there
+    from fmcheck.registry import discover
+
+    probe = ("from fmcheck import catalog; import sys; assert catalog.load() is not None; "
+             "from fmcheck.entry import main; main(['list', '--codes']); "
+             "assert 'fmcheck.checks.scale' not in sys.modules")
+    listed = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=project, env=clean_env)
+    assert listed.returncode == 0, listed.stderr
+    codes = {rule.code for cls in discover().checks.values() for rule in cls.rules}
+    assert codes and all(code in listed.stdout for code in codes)
