@@ -18,11 +18,11 @@ from .config import Settings, thresholds_for
 from .context import Context
 from .contract import Pipeline
 from .errors import PipelineError, UsageError
-from .findings import active, conclude, cover, ignore as ignore_codes, promote_warnings, unknown_code
+from .settle import check_ignores, cover_across, legacy_finding, settle
 from .fingerprint import compute as compute_fingerprint
 from .isolate import CheckTimeout, capture, describe, full_traceback, short_traceback
 from .registry import Registry, discover
-from .report import CheckResult, Environment, Finding, Report, exit_code_for, overall_verdict
+from .report import CheckResult, Environment, Report, exit_code_for, overall_verdict
 from .state import StateSnapshot
 from .verdict import Verdict
 
@@ -173,56 +173,11 @@ def _result(check: type[Check], thresholds: Any, reason_outcome: Any, measured: 
         if verdict is Verdict.SKIP:
             return CheckResult(id=check.id, title=check.title, verdict=verdict, summary=judgement.summary,
                                measurements=judgement.measurements, duration_s=duration, details=judgement.details)
-        findings = [] if verdict is Verdict.PASS else [_legacy_finding(check, judgement, verdict)]
+        findings = [] if verdict is Verdict.PASS else [legacy_finding(check.id, judgement, verdict)]
     result = CheckResult(id=check.id, title=check.title, verdict=Verdict.PASS, summary=judgement.summary,
                          measurements=judgement.measurements, duration_s=duration, details=judgement.details,
                          findings=findings)
     return settle(result, judgement.summary, settings.ignore, settings.strict)
-
-
-def _legacy_finding(check: type[Check], judgement: Judgement, verdict: Verdict) -> Finding:
-    """A check without rules: its verdict as one finding under its id, with its summary, its hint, and the worst
-    judged measurement's number against its bound."""
-    worst = next((m for v in (Verdict.FAIL, Verdict.ERROR, Verdict.WARN) for m in judgement.measurements
-                  if m.verdict is v), None)
-    if worst is None:
-        return Finding(code=check.id, verdict=verdict, message=judgement.summary, fix=judgement.hint or "")
-    unit = f" {worst.unit}" if worst.unit else ""
-    number = f"{worst.name} = {worst.value}{unit}" + (f", expected {worst.expected}" if worst.expected else "")
-    return Finding(code=check.id, verdict=verdict, message=f"{judgement.summary} ({number})", fix=judgement.hint or "",
-                   observed=worst.value, bound=worst.expected, unit=worst.unit)
-
-
-def settle(result: CheckResult, passed: str, ignored: Iterable[str] = (), strict: bool = False) -> CheckResult:
-    """The check's verdict, summary and hint from its findings (fmcheck.findings.conclude), after ``--ignore`` marks
-    findings ignored and ``--strict`` turns the WARNs that count into FAILs."""
-    findings = ignore_codes(result.findings, ignored)
-    if strict:
-        findings = promote_warnings(findings)
-    verdict, summary, hint = conclude(findings, passed)
-    if any(f.strict for f in active(findings)):
-        summary = f"{summary} [warn, --strict]"
-    settled = result.model_copy(update={"findings": findings, "verdict": verdict, "summary": summary, "hint": hint})
-    settled._passed = passed
-    return settled
-
-
-def cover_across(results: list[CheckResult], checks: Iterable[type[Check]], settings: Settings,
-                 owners: Optional[list[CheckResult]] = None) -> list[CheckResult]:
-    """One cause, one finding: a finding whose rule names another check's finding as the owner of its cause
-    (``Rule.covered_by``), when that finding counts among ``owners`` (default: ``results``), is marked covered and
-    its check settled again. The runner applies it as each check finishes (owners usually run first: scale before
-    norms, target before structure) and once more at the end. Run alone, each check still reports it."""
-    rules = {rule.code: rule for check in checks for rule in check.rules}
-    counting = [f for r in (results if owners is None else owners) for f in active(r.findings)]
-    out = []
-    for result in results:
-        covered = cover(result.findings, rules, counting)
-        if covered != result.findings and result.verdict is not Verdict.ERROR:
-            result = settle(result.model_copy(update={"findings": covered}), result._passed, settings.ignore,
-                            settings.strict)
-        out.append(result)
-    return out
 
 
 def _resolve_device(pipeline: Pipeline, requested: Optional[str]):
@@ -284,19 +239,20 @@ def _step_hint(exc: BaseException) -> str:
     return ""
 
 
+def assemble(results: list[CheckResult], settings: Settings, device: Any, pipeline_name: Optional[str],
+             **extra: Any) -> Report:
+    """The report of a run (a pipeline's, or `fmcheck scale --vae`'s): verdict and exit code from the results."""
+    return Report(fmcheck_version=_version.__version__, verdict=overall_verdict(results),
+                  exit_code=int(exit_code_for(results)), environment=_environment(device, settings.seed),
+                  pipeline=pipeline_name, strict=settings.strict, ignored=list(settings.ignore), checks=results,
+                  **extra)
+
+
 def _environment(device, seed: int) -> Environment:
     import torch
 
     return Environment(python=platform.python_version(), torch=torch.__version__, device=str(device), seed=seed,
                        platform=f"{platform.system()}-{platform.machine()}")
-
-
-def known_codes(registry: Registry) -> set[str]:
-    """Every finding code a run with this registry can report: the rules' codes, and the id of a check (or a plugin
-    that failed to load) that declares none."""
-    codes = {rule.code for cls in registry.checks.values() for rule in cls.rules}
-    codes |= {cls.id for cls in registry.checks.values() if not cls.rules}
-    return codes | {f.name for f in registry.failures}
 
 
 def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Optional[Iterable[str]] = None,
@@ -376,24 +332,13 @@ def run(pipeline: Pipeline, settings: Optional[Settings] = None, *, only: Option
             module.to(original)
         snapshot.restore()
 
-    code = exit_code_for(results)
-    report = Report(fmcheck_version=_version.__version__, verdict=overall_verdict(results), exit_code=int(code),
-                    environment=_environment(device, settings.seed), pipeline=pipeline_name, strict=settings.strict,
-                    ignored=list(settings.ignore), interrupted=interrupted, checks=results, fingerprint=fingerprint,
-                    generators=[found.name for found in snapshot.generators])
+    report = assemble(results, settings, device, pipeline_name, interrupted=interrupted, fingerprint=fingerprint,
+                      generators=[found.name for found in snapshot.generators])
     if rank is not None:
         from .distributed import all_gather, merge
 
         report = merge(all_gather(report))
     return report
-
-
-def check_ignores(ignored: Iterable[str], registry: Registry) -> None:
-    """Refuse an ignored code no check declares, before anything runs: a typo must not ignore nothing silently."""
-    codes = known_codes(registry)
-    for code in ignored:
-        if code not in codes:
-            raise UsageError(f"--ignore {code}: " + unknown_code(code, codes))
 
 
 def published(checks: Iterable[type[Check]], results: Iterable[CheckResult]) -> dict[str, Any]:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 from pathlib import Path
 from typing import Any, Optional
 
 from fmcheck.errors import UsageError
-from fmcheck.report import CheckResult, Environment, Measurement
+from fmcheck.report import CheckResult, Measurement
 from fmcheck.verdict import Verdict
 
 MAX_IMAGES = 64  # images taken from a --images folder (the first, in name order)
@@ -334,12 +333,11 @@ def run(vae_spec: str, *, images: Optional[str], resolution: Optional[int], sett
 
     import torch
 
-    from fmcheck import _version
     from fmcheck.config import thresholds_for
     from fmcheck.isolate import capture, describe
-    from fmcheck.report import Report, exit_code_for, overall_verdict
     from fmcheck.registry import discover
-    from fmcheck.runner import check_ignores, error_result, settle
+    from fmcheck.runner import assemble, error_result
+    from fmcheck.settle import check_ignores, settle
 
     from . import ScaleCheck
 
@@ -367,9 +365,4 @@ def run(vae_spec: str, *, images: Optional[str], resolution: Optional[int], sett
         result = error_result(ScaleCheck, judged.exc, settings.debug, time.perf_counter() - started)
         if measured.ok:
             result.summary = f"judging failed: {describe(judged.exc)}"
-    results = [result]
-    environment = Environment(python=platform.python_version(), torch=torch.__version__, device=str(device),
-                              seed=settings.seed, platform=f"{platform.system()}-{platform.machine()}")
-    return Report(fmcheck_version=_version.__version__, verdict=overall_verdict(results),
-                  exit_code=int(exit_code_for(results)), environment=environment, pipeline=f"--vae {vae_spec}",
-                  strict=settings.strict, ignored=list(settings.ignore), checks=results)
+    return assemble([result], settings, device, f"--vae {vae_spec}")
