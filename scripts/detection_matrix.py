@@ -57,7 +57,8 @@ def main() -> None:
         kind = "correct" if fixture.correct else "bug"
         exact = codes == fixture.codes
         mismatches += not exact
-        listed = ", ".join(f"`{code}`" for code in codes) or "none"
+        listed = ", ".join(f"`{code}`" + (" (covered)" if verdict == "covered" else f" {verdict}")
+                           for code, verdict in codes.items()) or "none"
         listed += " ✓" if exact else f" ✗ (expected {', '.join(fixture.codes) or 'none'})"
         rows.append(f"| `{fixture.name}` | {kind} | {fixture.description} | " + " | ".join(cells) + f" | {listed} |")
         print(f"{fixture.name}: {got}", flush=True)
@@ -68,7 +69,8 @@ def main() -> None:
         "Every fixture (rows) run through every built-in check (columns). ✓ marks a verdict the fixture declares in",
         "its `EXPECT` and got; ✗ one it did not get (or a FAIL/ERROR on a correct pipeline). The last column lists",
         "the finding codes that fired, which must be exactly the codes EXPECT names (✓), so a second check reporting",
-        "the same cause, or a stray warning, is a mismatch.",
+        "the same cause, or a stray warning, is a mismatch; \"covered\" marks a finding set aside because another",
+        "check's finding in the same run names its cause (one cause, one finding: it counts toward no verdict).",
         "· marks `overfit` not run: it trains for seconds, so it runs on the correct pipelines and its own bugs.",
         "`ranks` needs several processes; its planted bug is proven under torchrun in tests/test_distributed.py.",
         "",
