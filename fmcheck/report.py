@@ -72,7 +72,7 @@ class CheckResult(BaseModel):
     summary: str = ""
     measurements: list[Measurement] = Field(default_factory=list)
     hint: Optional[str] = None
-    # What the check concluded, worst first; the verdict, summary and hint are derived from these (fmcheck.findings).
+    # What the check concluded, in its rules' declared order; its verdict, summary and hint derive from these.
     findings: list[Finding] = Field(default_factory=list)
     duration_s: float = 0.0
     # Extra machine-readable data a check wants to keep (curves, fingerprints); never needed to read the verdict.
