@@ -107,7 +107,8 @@ class Check:
     requires: ClassVar[tuple[str, ...]] = ()  # pipeline fields that must be set
     requires_outputs: ClassVar[tuple[str, ...]] = ()  # step-output keys that must be present
     Thresholds: ClassVar[type[Thresholds]] = NoThresholds
-    order: ClassVar[int] = 100  # position in `fmcheck all` (the seed's order: scale, norms, target, kl, overfit)
+    order: ClassVar[int] = 100  # position in `fmcheck all` (the seed's order: scale, norms, target, kl, overfit;
+    # structure's static checks run before the overfit's training)
     # Measured facts other parts of fmcheck may read, as {published name: details key} (the fingerprint reads the
     # scaling as applied from the scale check's "applied_scaling"); everything else in details is the check's own.
     publishes: ClassVar[dict[str, str]] = {}

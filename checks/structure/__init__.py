@@ -34,7 +34,9 @@ class StructureCheck(Check):
     title = "Time conditioning, precision, frozen modules"
     purpose = ("Velocity net's sensitivity to t vs x_t (time dominates / ignored), fp16 without loss scaling, "
                "frozen modules (VAE included) in train mode, requiring grad or in the optimizer.")
-    order = 60
+    # Before the overfit: a static check's answer comes in a second while the overfit trains for many, and its
+    # non-finite-outputs finding is the one that covers the overfit's (one cause, one finding, said as it runs).
+    order = 45
     Thresholds = StructureThresholds
     rules = RULES
     doc = DOC
