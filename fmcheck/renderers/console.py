@@ -133,17 +133,6 @@ def _has_details(result: CheckResult) -> bool:
 _URGENCY = (Verdict.FAIL, Verdict.ERROR, Verdict.WARN)
 
 
-def decisive(result: CheckResult) -> list[Measurement]:
-    """The judged measurements that did not pass, worst first (the check's own order within a verdict)."""
-    bad = [m for m in result.measurements if m.verdict in _URGENCY]
-    return sorted(bad, key=lambda m: _URGENCY.index(m.verdict))
-
-
-def against_bound(m: Measurement) -> str:
-    """``name value unit, expected BOUND``: the number next to the bound it broke."""
-    return _measurement_line(m) + (f", expected {m.expected}" if m.expected else "")
-
-
 def finding_text(finding: Finding) -> str:
     """The finding's message; its number against its bound appended when the message does not already say it."""
     if finding.bound and finding.bound not in finding.message:
