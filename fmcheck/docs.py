@@ -13,10 +13,6 @@ def _threshold_rows(cls: Any) -> list[str]:
     return rows
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def _plain_template(text: str) -> str:
     """A template as prose: '{observed}' reads as 'the observed value' would be wordy; the field names say it."""
     return text.replace("{", "<").replace("}", ">")

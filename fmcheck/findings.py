@@ -113,9 +113,14 @@ def _fire(rule: Rule, evidence: Any, thresholds: Any) -> list[Finding]:
     return [rule.render(hit) for hit in hits]
 
 
+def set_aside(finding: Finding) -> bool:
+    """Whether a finding was set aside: ignored (--ignore), or covered by another check's finding of the cause."""
+    return finding.ignored or finding.covered_by is not None
+
+
 def counts(finding: Finding) -> bool:
     """Whether a finding counts toward its check's verdict: not ignored, not covered by another check's finding."""
-    return not finding.ignored and finding.covered_by is None and finding.verdict in URGENCY
+    return not set_aside(finding) and finding.verdict in URGENCY
 
 
 def active(findings: Iterable[Finding]) -> list[Finding]:
@@ -135,18 +140,23 @@ def conclude(findings: Sequence[Finding], passed: str) -> tuple[Verdict, str, Op
     if not live:
         # Nothing counts. Findings set aside (--ignore, or covered by another check's finding of the same cause)
         # are said instead of what was measured: a passing summary would claim what they contradict.
-        quiet = [f for f in findings if f.ignored or f.covered_by is not None]
+        quiet = [f for f in findings if set_aside(f)]
         if not quiet:
             return Verdict.PASS, passed or "no findings", None
-        said = [f"{f.code} " + ("ignored" if f.ignored else f"covered by {f.covered_by}") + f": {f.message}"
-                for f in quiet[:SUMMARY_FINDINGS]]
-        more = len(quiet) - SUMMARY_FINDINGS
-        return Verdict.PASS, "; ".join(said) + (f" (+{more} more)" if more > 0 else ""), None
-    shown = "; ".join(f.message for f in live[:SUMMARY_FINDINGS])
-    more = len(live) - SUMMARY_FINDINGS
-    summary = shown + (f" (+{more} more)" if more > 0 else "")
+        return Verdict.PASS, _joined([f"{f.code} {why_set_aside(f)}: {f.message}" for f in quiet]), None
+    summary = _joined([f.message for f in live])
     hint = " | ".join(dict.fromkeys(f.fix for f in live if f.fix)) or None
     return live[0].verdict, summary, hint
+
+
+def why_set_aside(finding: Finding) -> str:
+    return "ignored" if finding.ignored else f"covered by {finding.covered_by}"
+
+
+def _joined(texts: Sequence[str]) -> str:
+    """The first texts joined, and a count of the rest."""
+    more = len(texts) - SUMMARY_FINDINGS
+    return "; ".join(texts[:SUMMARY_FINDINGS]) + (f" (+{more} more)" if more > 0 else "")
 
 
 def cover(findings: Sequence[Finding], rules: Mapping[str, Rule], counting: Sequence[Finding]) -> list[Finding]:

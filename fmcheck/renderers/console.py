@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 from rich.text import Text
 
-from ..findings import active
+from ..findings import URGENCY, active, set_aside, why_set_aside
 from ..report import CheckResult, Finding, Measurement, Report
 from ..verdict import Verdict
 
@@ -129,10 +129,6 @@ def _has_details(result: CheckResult) -> bool:
     return bool(result.measurements or result.error or curve_lines(result))
 
 
-# Verdict order of the list of fixes: what fails the run first.
-_URGENCY = (Verdict.FAIL, Verdict.ERROR, Verdict.WARN)
-
-
 def finding_text(finding: Finding) -> str:
     """The finding's message; its number against its bound appended when the message does not already say it."""
     if finding.bound and finding.bound not in finding.message:
@@ -153,12 +149,12 @@ def fixes(report: Report) -> Optional[Table]:
         live = active(result.findings)
         if live:
             entries += [(f.verdict, f.code, finding_text(f), f.fix or None) for f in live]
-        elif result.verdict in _URGENCY and result.hint:  # a crash, a leak, a plugin that failed to load: its row
+        elif result.verdict in URGENCY and result.hint:  # a crash, a leak, a plugin that failed to load: its row
             entries.append((result.verdict, result.id, "", result.hint))  # says what happened; here, the fix
-    ignored = [f for result in report.checks for f in result.findings if f.ignored or f.covered_by]
+    ignored = [f for result in report.checks for f in result.findings if set_aside(f)]
     if not entries and not ignored:
         return None
-    entries.sort(key=lambda e: _URGENCY.index(e[0]))  # stable: the checks' order within a verdict
+    entries.sort(key=lambda e: URGENCY.index(e[0]))  # stable: the checks' order within a verdict
     grid = Table.grid(padding=(0, 1))
     grid.add_column(no_wrap=True, min_width=5)
     grid.add_column()  # no ratio: a short row is not padded to the console's width with trailing spaces
@@ -194,10 +190,9 @@ def row_text(result: CheckResult) -> str:
     if live:
         codes = list(dict.fromkeys(f.code for f in live))
         return f"{len(live)} finding{'s' if len(live) > 1 else ''}: {', '.join(codes)}"
-    quiet = [f for f in result.findings if f.ignored or f.covered_by]
+    quiet = [f for f in result.findings if set_aside(f)]
     if quiet:
-        return "set aside: " + ", ".join(
-            f"{f.code} ({'ignored' if f.ignored else 'covered by ' + str(f.covered_by)})" for f in quiet)
+        return "set aside: " + ", ".join(f"{f.code} ({why_set_aside(f)})" for f in quiet)
     return result.summary
 
 

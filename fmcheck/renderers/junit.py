@@ -32,7 +32,7 @@ def _case(suite: ET.Element, classname: str, name: str, time: float, verdict: Ve
     return case
 
 
-def _outcome(case: ET.Element, verdict: Verdict, message: str, body: str, strict: bool) -> None:
+def _outcome(case: ET.Element, verdict: Verdict, message: str, body: str) -> None:
     """FAIL -> failure, ERROR -> error, SKIP -> skipped; a WARN is a passing test case whose system-out says it."""
     if verdict is Verdict.FAIL:
         ET.SubElement(case, "failure", {"message": _text(message)}).text = _text(body)
@@ -61,7 +61,7 @@ def to_junit(report: Report) -> str:
             _add_properties(case, check)
             body = "\n".join(x for x in (measurements, f"fix: {check.hint}" if check.hint else "", check.error or "")
                              if x)
-            _outcome(case, verdict, check.summary, body, report.strict)
+            _outcome(case, verdict, check.summary, body)
             counted[verdict] += 1
             _system_out(case, check, [])
         for finding in shown:
@@ -75,7 +75,7 @@ def to_junit(report: Report) -> str:
                 message = f"covered by {finding.covered_by} (the same cause): {message}"
             body = "\n".join(x for x in (f"fix: {finding.fix}" if finding.fix else "", measurements, check.error or "")
                              if x)
-            _outcome(case, verdict, message, body, report.strict)
+            _outcome(case, verdict, message, body)
             counted[verdict] += 1
             _system_out(case, check, [f"WARN: {finding.message}\n{body}"] if verdict is Verdict.WARN else [])
     suite.set("tests", str(sum(counted.values())))

@@ -37,13 +37,17 @@ def status(console: Console, text: str) -> Status:
 
 def check_list(registry: Any, console: Console) -> None:
     """`fmcheck list`: every registered check, and every plugin that failed to load, with where it comes from."""
+    rows: list[tuple[Any, ...]] = [(c.id, c.title, c.purpose, registry.sources[c.id]) for c in registry.ordered()]
+    rows += [(f.name, Text("not loaded", style="magenta"), f.reason, f.distribution) for f in registry.failures]
+    _check_table(rows, console)
+
+
+def _check_table(rows: list[tuple[Any, ...]], console: Console) -> None:
     table = Table(title="fmcheck checks", title_justify="left")
     for column in ("id", "title", "purpose", "from"):
         table.add_column(column)
-    for cls in registry.ordered():
-        table.add_row(cls.id, cls.title, cls.purpose, registry.sources[cls.id])
-    for failure in registry.failures:
-        table.add_row(failure.name, Text("not loaded", style="magenta"), failure.reason, failure.distribution)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 
@@ -70,12 +74,7 @@ _VERDICT_STYLE = {"FAIL": "red", "WARN": "yellow"}
 
 def catalog_list(catalog: dict, console: Console) -> None:
     """`fmcheck list` from the catalogue of built-in checks: the same table as :func:`check_list`."""
-    table = Table(title="fmcheck checks", title_justify="left")
-    for column in ("id", "title", "purpose", "from"):
-        table.add_column(column)
-    for check in catalog["checks"]:
-        table.add_row(check["id"], check["title"], check["purpose"], "fmcheck")
-    console.print(table)
+    _check_table([(c["id"], c["title"], c["purpose"], "fmcheck") for c in catalog["checks"]], console)
 
 
 def catalog_codes(catalog: dict, console: Console) -> None:
